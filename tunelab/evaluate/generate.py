@@ -1,0 +1,74 @@
+"""Batched generation for causal LMs: left padding, length-sorted batches, only the new tokens decoded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def generate_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    add_special_tokens: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    num_beams: int = 1,
+    progress: Any = None,
+) -> list[str]:
+    """Continue each prompt; returns the decoded new text per prompt, in the prompts' order.
+
+    Prompts are sorted by length so each batch pads little; padding is on the left so every row's last
+    position is its real last token (what generation continues from).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    eos_ids = _stop_ids(model, tokenizer)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(device)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                num_beams=num_beams,
+                temperature=temperature if do_sample else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos_ids,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            for row, tokens in zip(rows, new_tokens, strict=True):
+                outputs[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(rows))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return outputs
+
+
+def _stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """eos of the tokenizer and of the generation config (chat models often end turns with another token)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, list):
+        ids.update(config_eos)
+    return sorted(ids)

@@ -1,0 +1,132 @@
+"""Fine-tuning methods applied to a loaded model: peft adapters (LoRA, QLoRA, DoRA, prefix, prompt, IA3),
+full fine-tuning, or freezing all but the last N blocks."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from tunelab.config import MethodConfig
+from tunelab.errors import UserError
+
+PEFT_KINDS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3")
+
+
+def is_peft(kind: str) -> bool:
+    """Whether the method is a peft adapter (saved adapter-only)."""
+    return kind in PEFT_KINDS
+
+
+def apply_method(model: torch.nn.Module, method: MethodConfig, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Make only the method's parameters trainable and return the model to train (a PeftModel for adapters)."""
+    if method.kind == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_peft(method.kind):  # frozen embeddings: make their output require grad so checkpointed blocks backprop
+            model.enable_input_require_grads()
+    if method.kind == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    if method.kind == "freeze":
+        return _freeze_all_but_last(model, method.freeze_keep_last)
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(model, method))
+
+
+def peft_config(model: torch.nn.Module, method: MethodConfig) -> Any:
+    """The peft config for the method; `target: all-linear` resolves per architecture inside peft."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    target = method.target
+    if method.kind in ("lora", "qlora", "dora"):
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=method.r,
+            lora_alpha=method.alpha,
+            lora_dropout=method.dropout,
+            target_modules=_targets(model, target),
+            use_dora=method.kind == "dora",
+            bias="none",
+        )
+    if method.kind == "ia3":
+        modules = _targets(model, target)
+        feedforward = _feedforward_names(model, modules)
+        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=modules, feedforward_modules=feedforward)
+    if method.kind == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens)
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens)
+
+
+def _targets(model: torch.nn.Module, target: str | list[str]) -> str | list[str]:
+    if target == "all-linear":
+        return "all-linear"
+    names = [target] if isinstance(target, str) else list(target)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in names if name not in present]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"method.target names '{missing[0]}', which this model does not have. Its linear layers: "
+            f"{', '.join(linear)}; or use target: all-linear."
+        )
+    return names
+
+
+def _feedforward_names(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
+    """IA3 scales the input of feed-forward projections; pick the down-projection-like names."""
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if targets != "all-linear":
+        linear &= set(targets)
+    return sorted(name for name in linear if re.search(r"down|fc2|c_proj|w2|dense_4h", name))
+
+
+def _freeze_all_but_last(model: torch.nn.Module, keep_last: int) -> torch.nn.Module:
+    """Train only the last `keep_last` decoder blocks, the final norm and the output head (seed 003: 7B models
+    with the last 2-3 layers unfrozen)."""
+    blocks = _decoder_blocks(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for block in blocks[len(blocks) - keep_last :] if keep_last else []:
+        for parameter in block.parameters():
+            parameter.requires_grad_(True)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.weight.requires_grad_(True)
+    for name, module in model.named_modules():
+        if name.endswith(("model.norm", "final_layernorm", "ln_f")):
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+    return model
+
+
+def _decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    best: torch.nn.ModuleList | None = None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise UserError("method.kind freeze: could not find the decoder blocks of this model; use lora or full.")
+    return list(best)
+
+
+def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting shared tensors once."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if hasattr(parameter, "quant_state") or parameter.dtype == torch.uint8:  # packed 4-bit: two values a byte
+            count *= 2
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return trainable, total

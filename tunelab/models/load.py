@@ -1,0 +1,162 @@
+"""Load tokenizers and causal LMs from a hub id, a local folder or an embedded name, with the right dtype,
+attention kernel and quantization for the machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config import ModelConfig
+from tunelab.errors import UserError
+
+
+def resolve_dtype(requested: str, device: torch.device | str | None = None) -> torch.dtype:
+    """The weight / compute dtype for `model.dtype`.
+
+    auto: bf16 on GPUs that support it (Ampere and newer), fp16 on older GPUs such as the T4 and V100 (they have
+    no bf16 units; "bf16=True on a T4" emulates or fails), fp32 on the CPU.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    if requested == "fp32":
+        return torch.float32
+    if requested in ("bf16", "fp16") and device.type == "cpu":
+        return torch.bfloat16 if requested == "bf16" else torch.float16
+    if requested == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(
+                "model.dtype is bf16 but this GPU has no bf16 support (pre-Ampere, e.g. T4 / V100). "
+                "Use model.dtype: fp16 or auto."
+            )
+        return torch.bfloat16
+    if requested == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_model_path(name: str) -> str:
+    """Embedded names become their cached local folder; hub ids and folders pass through unchanged."""
+    from tunelab.models import embedded
+
+    return embedded.resolve_model_path(name)
+
+
+def check_model_source(name: str) -> None:
+    """Refuse early and clearly when a local-looking model path does not exist."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix != ""
+    if looks_local and not Path(name).expanduser().exists():
+        raise UserError(
+            f"Model folder {name} does not exist. Set model.name to an existing folder, a hub id, or "
+            "the embedded default 'smollm2-135m-instruct'."
+        )
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The tokenizer, with a pad token that is not eos (padding never hides a real end of sequence)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config.name)
+    check_model_source(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=config.trust_remote_code, revision=config.revision
+        )
+    except OSError as error:
+        raise UserError(
+            f"Could not load a tokenizer from '{config.name}': {error}. No model hub is reachable from "
+            "here: use a local folder or the embedded 'smollm2-135m-instruct'."
+        ) from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Set a pad token that differs from eos when the tokenizer has none (or pads with eos).
+
+    The pad id only fills positions that are masked out of attention and labels, so any existing non-eos token
+    works and the embedding matrix need not grow: unk, then bos, then the first id that is not eos.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    for candidate in (tokenizer.unk_token, tokenizer.bos_token):
+        if candidate is not None and tokenizer.convert_tokens_to_ids(candidate) != eos:
+            tokenizer.pad_token = candidate
+            return
+    first = 0 if eos != 0 else 1
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(first)
+
+
+def quantization_config(config: ModelConfig, method_kind: str, dtype: torch.dtype) -> Any | None:
+    """bitsandbytes settings: NF4 with double quantization for QLoRA (compute dtype = model dtype), or int8."""
+    quantize = "nf4" if method_kind == "qlora" else config.quantize
+    if quantize == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{'method.kind: qlora' if method_kind == 'qlora' else 'model.quantize: ' + quantize} needs "
+            "a CUDA GPU (bitsandbytes 4/8-bit kernels), and none is visible. On this machine use "
+            "method.kind: lora with model.quantize: none."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError("Quantized loading needs bitsandbytes: pip install 'tunelab[gpu]'.") from None
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def load_causal_lm(config: ModelConfig, method_kind: str, device: torch.device) -> torch.nn.Module:
+    """AutoModelForCausalLM with dtype, attention and quantization resolved for `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(config.name)
+    check_model_source(path)
+    dtype = resolve_dtype(config.dtype, device)
+    quant = quantization_config(config, method_kind, dtype)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": config.trust_remote_code,
+        "revision": config.revision,
+    }
+    if config.attn_implementation != "auto":
+        kwargs["attn_implementation"] = config.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model_config = AutoConfig.from_pretrained(
+            path, trust_remote_code=config.trust_remote_code, revision=config.revision
+        )
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise UserError(
+                f"'{config.name}' is an encoder-decoder model ({model_config.model_type}); task sft needs "
+                "a decoder-only (causal LM) model."
+            )
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"Could not load a causal LM from '{config.name}': {error}".rstrip(".") + ". No model hub "
+            "is reachable from here: use a local folder or 'smollm2-135m-instruct'."
+        ) from None
+    return model
+
+
+def use_gradient_checkpointing(config: ModelConfig, device: torch.device) -> bool:
+    """Checkpointing is on by default on CUDA (memory), off on CPU (speed matters more there)."""
+    return device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing

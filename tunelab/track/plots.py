@@ -1,0 +1,40 @@
+"""Plots of a run: loss curves and learning rate (curves.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_curves(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """Train and validation loss against steps, and the learning rate, into one PNG. None when nothing to plot."""
+    train = [r for r in records if r.get("event") == "train" and r.get("loss") is not None]
+    valid = [r for r in records if r.get("event") == "eval" and r.get("loss") is not None]
+    if not train and not valid:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, lr_axis) = plt.subplots(
+        2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    if train:
+        loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.8)
+    if valid:
+        loss_axis.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid loss")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend()
+    loss_axis.grid(alpha=0.3)
+    lr_points = [r for r in train if r.get("lr") is not None]
+    lr_axis.plot([r["step"] for r in lr_points], [r["lr"] for r in lr_points], color="tab:green")
+    lr_axis.set_ylabel("lr")
+    lr_axis.set_xlabel("optimizer step")
+    lr_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,61 @@
+"""Optimizer and learning-rate schedule: AdamW without weight decay on norms and biases, warmup then
+cosine / linear / constant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tunelab.config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into decayed (matrices) and not decayed (norm weights, biases, 1-D tensors).
+
+    Decay on norm gains and biases only pulls them to zero without regularising anything (the convention of
+    BERT, GPT-2 and timm's param_groups_weight_decay)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower():
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def create_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (fused on CUDA where torch has it)."""
+    groups = param_groups(model, train.weight_decay)
+    fused = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, fused=fused or None)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based count of optimizer steps taken)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup over `train.warmup` of the steps, then the configured decay."""
+    warmup_steps = int(round(train.warmup * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train.schedule)
+    )
