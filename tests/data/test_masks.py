@@ -55,7 +55,7 @@ def test_rendered_text_matches_template_and_prompt_ends_with_header(family: str)
     assert rendered.text == tokenizer.apply_chat_template(MULTI_TURN, tokenize=False)
     prompt = render_prompt(MULTI_TURN, "chat", tokenizer)
     assert rendered.text.startswith(prompt)
-    assert rendered.text[len(prompt):].startswith("Green, mostly.")
+    assert rendered.text[len(prompt) :].startswith("Green, mostly.")
 
 
 def test_plain_template_masks_answer_and_eos() -> None:
@@ -72,8 +72,10 @@ def test_left_truncation_keeps_system_prompt_and_final_answer(family: str) -> No
     tokenizer = make_tokenizer(family)
     long_history = [{"role": "system", "content": "SYSTEM RULES"}]
     for i in range(6):
-        long_history += [{"role": "user", "content": f"question number {i} " * 5},
-                         {"role": "assistant", "content": f"answer number {i} " * 5}]
+        long_history += [
+            {"role": "user", "content": f"question number {i} " * 5},
+            {"role": "assistant", "content": f"answer number {i} " * 5},
+        ]
     long_history += [{"role": "user", "content": "final question"}, {"role": "assistant", "content": "FINAL ANSWER"}]
     rendered, ids, labels, head, tail = tokenize(long_history, tokenizer)
     max_length = (len(ids) - tail) + head + 20
@@ -81,12 +83,17 @@ def test_left_truncation_keeps_system_prompt_and_final_answer(family: str) -> No
     assert len(cut_ids) == max_length
     text = tokenizer.decode(cut_ids)
     assert "SYSTEM RULES" in text
-    assert text.endswith("FINAL ANSWER" + END_OF_TURN[family] + ("\n" if family != "llama3" else "")) or \
-        "FINAL ANSWER" + END_OF_TURN[family] in text
+    assert (
+        text.endswith("FINAL ANSWER" + END_OF_TURN[family] + ("\n" if family != "llama3" else ""))
+        or "FINAL ANSWER" + END_OF_TURN[family] in text
+    )
     assert "question number 0" not in text  # the oldest history went first
     assert tokenizer.decode(labelled_groups(cut_ids, cut_labels)[-1]) == "FINAL ANSWER" + END_OF_TURN[family]
-    header = {"llama3": "<|start_header_id|>assistant<|end_header_id|>", "chatml": "<|im_start|>assistant",
-              "gemma": "<start_of_turn>model"}[family]
+    header = {
+        "llama3": "<|start_header_id|>assistant<|end_header_id|>",
+        "chatml": "<|im_start|>assistant",
+        "gemma": "<start_of_turn>model",
+    }[family]
     assert header + "\n" in text.split("final question")[-1] or header in text.split("final question")[-1]
     if family in ("llama3", "gemma"):
         assert cut_ids[0] == tokenizer.bos_token_id  # the begin-of-text token is never cut
@@ -101,8 +108,11 @@ def test_example_whose_answer_alone_does_not_fit_is_dropped() -> None:
 
 
 def test_packing_restarts_positions_and_ignores_first_label() -> None:
-    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]},
-                {"input_ids": [6, 7, 8, 9], "labels": [-100, -100, 8, 9]}]
+    examples = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"input_ids": [4, 5], "labels": [4, 5]},
+        {"input_ids": [6, 7, 8, 9], "labels": [-100, -100, 8, 9]},
+    ]
     rows = textdata.pack_examples(examples, max_length=6, seed=0)
     assert sorted(len(r["input_ids"]) for r in rows) == [3, 6]  # first-fit decreasing: 4+2, 3
     for row in rows:

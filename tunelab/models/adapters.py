@@ -30,7 +30,11 @@ def apply_method(model: torch.nn.Module, method: MethodConfig, gradient_checkpoi
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed the method; older releases (the GPU machine's 5.17) only have the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if is_peft(method.kind):  # frozen embeddings: make their output require grad so checkpointed blocks backprop
             model.enable_input_require_grads()
     if method.kind == "full":

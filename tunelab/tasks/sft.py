@@ -193,7 +193,8 @@ def lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     Equal to the model's own mean loss times the target count; the loop divides by the window's targets.
     """
     labels = batch["labels"]
-    logits = model(**textdata.model_inputs(batch)).logits
+    # use_cache=False: with a KV cache, transformers would ignore the packed position_ids boundaries
+    logits = model(**textdata.model_inputs(batch), use_cache=False).logits
     logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual-token positions to the logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=textdata.IGNORE, reduction="sum"
@@ -213,7 +214,7 @@ def evaluate_examples(
         batch = textdata.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"]
-        logits = model(**textdata.model_inputs(batch)).logits[:, -labels.shape[1] :]
+        logits = model(**textdata.model_inputs(batch), use_cache=False).logits[:, -labels.shape[1] :]
         shifted, targets = logits[:, :-1].float(), labels[:, 1:]
         mask = targets != textdata.IGNORE
         loss_sum += float(

@@ -60,6 +60,39 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> li
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
+def accumulate_window(
+    job: TrainingJob, model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any
+) -> tuple[float, int]:
+    """Forward and backward over one accumulation window; returns (summed loss, window target count).
+
+    Each micro-batch's summed loss is divided by the targets of the whole window on all processes, so the
+    accumulated gradient is the gradient of the window's mean loss whatever the micro-batch split.
+    Raises RunStopped on a non-finite loss, before any optimizer step.
+    """
+    world = accelerator.num_processes
+    window_targets = _global_sum(accelerator, sum(job.targets_in(b) for b in micro_batches))
+    loss_total = 0.0
+    for index, batch in enumerate(micro_batches):
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        sync = index == len(micro_batches) - 1
+        with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+            loss = job.loss_sum(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFinite("loss", float(loss))
+        # DDP averages gradients over processes; multiply back so the result is sum / window_targets.
+        accelerator.backward(loss * world / max(window_targets, 1))
+        loss_total += float(loss.detach())
+    return loss_total, int(window_targets)
+
+
+class NonFinite(Exception):
+    """A NaN or inf loss or gradient norm (turned into RunStopped with advice by the loop)."""
+
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(f"{what} {value}")
+        self.what, self.value = what, value
+
+
 def train_loop(
     job: TrainingJob,
     config: RunConfig,
@@ -69,197 +102,252 @@ def train_loop(
     progress_cls: Any,
     resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train to the end (or early stop) and return the run summary. Raises RunStopped on a non-finite loss."""
-    train = config.train
-    world = accelerator.num_processes
-    n_batches = math.ceil(len(job.train_data) / train.batch_size)
-    window_size = train.grad_accum * world
-    steps_per_epoch = math.ceil(n_batches / window_size)
-    total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
-
-    model = job.model
-    optimizer = create_optimizer(model, train)
-    scheduler = create_scheduler(optimizer, train, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema = WeightEMA(accelerator.unwrap_model(model), train.ema) if train.ema else None
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best": None,
-        "best_step": None,
-        "bad_evals": 0,
-        "units": 0,
-        "seconds": 0.0,
-    }
+    """Train to the end (or an early stop) and return the run summary. Raises RunStopped on a non-finite loss."""
+    loop = Loop(job, config, run_dir, accelerator, log)
     if resume_from is not None:
-        training_state, state = ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(training_state["optimizer"])
-        scheduler.load_state_dict(training_state["scheduler"])
-        if ema is not None and training_state.get("ema"):
-            ema.load_state_dict(training_state["ema"])
+        loop.resume(resume_from)
+    progress = progress_cls(loop.total_steps, loop.state["step"], enabled=accelerator.is_main_process)
+    loop.progress = progress
+    try:
+        loop.run()
+    except NonFinite as error:
+        loop.stop_nonfinite(error)
+    finally:
+        progress.close()
+    return loop.summary()
+
+
+class Loop:
+    """The state of one training run and its steps. `state` is what a checkpoint stores to continue exactly."""
+
+    def __init__(self, job: TrainingJob, config: RunConfig, run_dir: Path, accelerator: Any, log: Any) -> None:
+        self.job, self.config, self.train, self.run_dir = job, config, config.train, run_dir
+        self.accelerator, self.log, self.progress = accelerator, log, None
+        self.world = accelerator.num_processes
+        self.n_batches = math.ceil(len(job.train_data) / self.train.batch_size)
+        self.window_size = self.train.grad_accum * self.world
+        steps_per_epoch = math.ceil(self.n_batches / self.window_size)
+        self.total_steps = self.train.max_steps or max(1, math.ceil(self.train.epochs * steps_per_epoch))
+        optimizer = create_optimizer(job.model, self.train)
+        self.scheduler = create_scheduler(optimizer, self.train, self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
+        self.ema = WeightEMA(self.unwrapped, self.train.ema) if self.train.ema else None
+        self.mode = metric_mode(self.train.early_stop.metric, self.train.early_stop.mode)
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "epoch": 0,
+            "batch": 0,
+            "best": None,
+            "best_step": None,
+            "bad_evals": 0,
+            "units": 0,
+            "seconds": 0.0,
+        }
+        self.last_eval: dict[str, float] = {}
+        self.stopped_early = False
+        self._batches: tuple[int, list[list[int]]] = (-1, [])
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The model without accelerate's wrappers (for saving, EMA and evaluation)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def resume(self, path: Path) -> None:
+        """Load a checkpoint: weights, optimizer, scheduler, EMA, position, and RNG states last."""
+        training_state, self.state = ckpt.load_checkpoint(path, self.unwrapped)
+        self.optimizer.load_state_dict(training_state["optimizer"])
+        self.scheduler.load_state_dict(training_state["scheduler"])
+        if self.ema is not None and training_state.get("ema"):
+            self.ema.load_state_dict(training_state["ema"])
+        patience = self.train.early_stop.patience
+        self.stopped_early = bool(patience and self.state["bad_evals"] >= patience)
         ckpt.set_rng_state(training_state["rng"])  # last, so nothing above draws from the restored streams
 
-    mode = metric_mode(train.early_stop.metric, train.early_stop.mode)
-    progress = progress_cls(total_steps, state["step"], enabled=accelerator.is_main_process)
-    device = accelerator.device
-    batches_cache: dict[int, list[list[int]]] = {}
-    last_eval: dict[str, float] = {}
-    stopped_early = bool(train.early_stop.patience and state["bad_evals"] >= train.early_stop.patience)
-    interval_units, interval_start = 0, time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    def epoch_batches(self) -> list[list[int]]:
+        """This epoch's micro-batches (computed once per epoch)."""
+        epoch = self.state["epoch"]
+        if self._batches[0] != epoch:
+            batches = epoch_batches(len(self.job.train_data), self.train.batch_size, self.train.seed, epoch)
+            self._batches = (epoch, batches)
+        return self._batches[1]
 
-    def save_best() -> None:
-        ckpt.replace_folder(run_dir / "best", lambda d: job.save_weights(accelerator.unwrap_model(model), d))
+    def run(self) -> None:
+        """Optimizer steps until the end, evaluating and saving when due."""
+        device = self.accelerator.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.model.train()
+        units, started = 0, time.perf_counter()
+        while self.state["step"] < self.total_steps and not self.stopped_early:
+            batches = self.epoch_batches()
+            window = batches[self.state["batch"] : self.state["batch"] + self.window_size]
+            mine = window[self.accelerator.process_index :: self.world]
+            micro = [self.job.collate([self.job.train_data[i] for i in batch]) for batch in mine]
+            units += sum(self.job.units_in(batch) for batch in micro)
+            loss_total, targets = accumulate_window(self.job, self.model, micro, self.accelerator)
+            grad_norm, lr = self.optimizer_step()
+            self.state["step"] += 1
+            self.state["batch"] += len(window)
+            epoch_end = self.state["batch"] >= len(batches)
+            if epoch_end:
+                self.state["epoch"] += 1
+                self.state["batch"] = 0
+            step, last = self.state["step"], self.state["step"] >= self.total_steps
+            if step % self.train.log_every == 0 or last:
+                loss = _global_sum(self.accelerator, loss_total) / max(targets, 1)
+                self.log_train(loss, lr, grad_norm, _global_sum(self.accelerator, units), time.perf_counter() - started)
+                units, started = 0, time.perf_counter()
+            if self.job.evaluate is not None and (_due(self.train.eval_every, step, epoch_end) or last):
+                self.evaluate(step)
+            elif self.job.evaluate is None and last:  # no validation data: the final weights are the best
+                self.save_best()
+            if _due(self.train.save_every, step, epoch_end) or last or self.stopped_early:
+                self.save(step)
 
-    def evaluate_now(step: int, epoch_end: bool) -> None:
-        nonlocal last_eval, stopped_early
-        model.eval()
-        with ema.applied(accelerator.unwrap_model(model)) if ema else nullcontext(), torch.no_grad():
-            metrics = job.evaluate(accelerator.unwrap_model(model))
-            last_eval = metrics
-            value = metrics.get(train.early_stop.metric)
-            if value is None:
-                raise RunStopped(
-                    f"train.early_stop.metric is '{train.early_stop.metric}' but evaluation returned "
-                    f"only: {', '.join(metrics)}. Pick one of those."
-                )
-            improved = state["best"] is None or (value < state["best"] if mode == "min" else value > state["best"])
-            if improved:
-                state.update(best=value, best_step=step, bad_evals=0)
-                if accelerator.is_main_process:
-                    ckpt.replace_folder(
-                        run_dir / "best", lambda d: job.save_weights(accelerator.unwrap_model(model), d)
-                    )
-            else:
-                state["bad_evals"] += 1
-        model.train()
-        log.write(
+    def optimizer_step(self) -> tuple[float | None, float]:
+        """Clip, step, schedule, EMA; returns (gradient norm before clipping, learning rate used)."""
+        grad_norm = None
+        if self.train.max_grad_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm))
+            # fp16 with a loss scaler produces inf norms on purpose (the scaler then skips the step)
+            if not math.isfinite(grad_norm) and self.accelerator.mixed_precision != "fp16":
+                raise NonFinite("gradient norm", grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped)
+        return grad_norm, lr
+
+    def epoch_progress(self) -> float:
+        """Epochs done, as a fraction."""
+        return round(self.state["epoch"] + self.state["batch"] / self.n_batches, 4)
+
+    def log_train(self, loss: float, lr: float, grad_norm: float | None, units: float, seconds: float) -> None:
+        """A train record in metrics.jsonl and on the progress bar."""
+        self.state["units"] += units
+        self.state["seconds"] += seconds
+        rate = units / seconds if seconds > 0 else None
+        record = {
+            "event": "train",
+            "step": self.state["step"],
+            "epoch": self.epoch_progress(),
+            "split": "train",
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            f"{self.job.unit}_per_s": rate,
+            "mem_gib": _memory_gib(self.accelerator.device),
+        }
+        self.log.write(record)
+        self.progress.update(self.state["step"], {**record, "tokens_per_s": rate})
+
+    def weights_for_eval(self) -> Any:
+        """Context in which the model holds the weights to evaluate and keep (EMA when enabled)."""
+        return self.ema.applied(self.unwrapped) if self.ema else nullcontext()
+
+    def save_best(self) -> None:
+        """Replace best/ with the current (or EMA) weights."""
+        if self.accelerator.is_main_process:
+            with self.weights_for_eval():
+                ckpt.replace_folder(self.run_dir / "best", lambda folder: self.job.save_weights(self.unwrapped, folder))
+
+    def evaluate(self, step: int) -> None:
+        """Validation metrics; best/ and early stopping follow the configured metric."""
+        metric, patience = self.train.early_stop.metric, self.train.early_stop.patience
+        self.model.eval()
+        with self.weights_for_eval(), torch.no_grad():
+            metrics = self.job.evaluate(self.unwrapped)
+        self.model.train()
+        self.last_eval = metrics
+        value = metrics.get(metric)
+        if value is None:
+            raise RunStopped(
+                f"train.early_stop.metric is '{metric}' but evaluation returned only: "
+                f"{', '.join(metrics)}. Set it to one of those."
+            )
+        best = self.state["best"]
+        improved = best is None or (value < best if self.mode == "min" else value > best)
+        if improved:
+            self.state.update(best=value, best_step=step, bad_evals=0)
+            self.save_best()
+        else:
+            self.state["bad_evals"] += 1
+        self.log.write(
             {
                 "event": "eval",
                 "step": step,
-                "epoch": round(state["epoch"] + state["batch"] / n_batches, 4),
+                "epoch": self.epoch_progress(),
                 "split": "valid",
                 **metrics,
                 "best": improved,
             }
         )
-        progress.print(
-            f"step {step}: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            + (" (best)" if improved else "")
-        )
-        patience = train.early_stop.patience
-        if patience and state["bad_evals"] >= patience:
-            stopped_early = True
-            log.write(
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.progress.print(f"step {step}: {shown}{' (best)' if improved else ''}")
+        if patience and self.state["bad_evals"] >= patience:
+            self.stopped_early = True
+            self.log.write(
                 {
                     "event": "early_stop",
                     "step": step,
-                    "metric": train.early_stop.metric,
-                    "best": state["best"],
-                    "best_step": state["best_step"],
+                    "metric": metric,
+                    "best": self.state["best"],
+                    "best_step": self.state["best_step"],
                 }
             )
-            progress.print(f"early stop at step {step}: no better {train.early_stop.metric} for {patience} evaluations")
+            self.progress.print(f"early stop at step {step}: no better {metric} in {patience} evaluations")
 
-    def save_now(step: int) -> None:
-        if not accelerator.is_main_process:
+    def save(self, step: int) -> None:
+        """A complete, resumable checkpoint (rank 0 writes)."""
+        if not self.accelerator.is_main_process:
             return
         training_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
         }
         ckpt.save_checkpoint(
-            run_dir,
+            self.run_dir,
             step,
-            accelerator.unwrap_model(model),
+            self.unwrapped,
             training_state,
-            dict(state),
-            lambda d: job.save_weights(accelerator.unwrap_model(model), d),
-            config.output.keep_last,
+            dict(self.state),
+            lambda folder: self.job.save_weights(self.unwrapped, folder),
+            self.config.output.keep_last,
         )
 
-    model.train()
-    while state["step"] < total_steps and not stopped_early:
-        epoch = state["epoch"]
-        if epoch not in batches_cache:
-            batches_cache = {epoch: epoch_batches(len(job.train_data), train.batch_size, train.seed, epoch)}
-        batches = batches_cache[epoch]
-        window = batches[state["batch"] : state["batch"] + window_size]
-        mine = [job.collate([job.train_data[i] for i in b]) for b in window[accelerator.process_index :: world]]
-        window_targets = _global_sum(accelerator, sum(job.targets_in(b) for b in mine))
-        loss_total = 0.0
-        for index, batch in enumerate(mine):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sync = index == len(mine) - 1
-            with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss = job.loss_sum(model, batch)
-            if not torch.isfinite(loss):
-                _stop_nonfinite(log, state, float(loss), run_dir, train.lr)
-            # DDP averages gradients over processes; multiply back so the result is sum / window_targets.
-            accelerator.backward(loss * world / max(window_targets, 1))
-            loss_total += float(loss.detach())
-            interval_units += job.units_in(batch)
-        grad_norm = None
-        if train.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm))
-            if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":
-                _stop_nonfinite(log, state, grad_norm, run_dir, train.lr, what="gradient norm")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
-        state["step"] += 1
-        state["batch"] += len(window)
-        epoch_end = state["batch"] >= len(batches)
-        if epoch_end:
-            state["epoch"] += 1
-            state["batch"] = 0
-        step = state["step"]
-        loss_mean = _global_sum(accelerator, loss_total) / max(window_targets, 1)
-        if step % train.log_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - interval_start
-            units = _global_sum(accelerator, interval_units)
-            state["units"] += units
-            state["seconds"] += elapsed
-            record = {
-                "event": "train",
-                "step": step,
-                "epoch": round(state["epoch"] + state["batch"] / n_batches, 4),
-                "split": "train",
-                "loss": loss_mean,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                f"{job.unit}_per_s": units / elapsed if elapsed > 0 else None,
-                "mem_gib": _memory_gib(device),
-            }
-            log.write(record)
-            progress.update(step, {**record, "tokens_per_s": record.get(f"{job.unit}_per_s")})
-            interval_units, interval_start = 0, time.perf_counter()
-        last_step = step >= total_steps
-        if job.evaluate is not None and (_due(train.eval_every, step, epoch_end) or last_step):
-            evaluate_now(step, epoch_end)
-        elif job.evaluate is None and last_step and accelerator.is_main_process:  # no validation: best is last
-            with ema.applied(accelerator.unwrap_model(model)) if ema else nullcontext():
-                save_best()
-        if _due(train.save_every, step, epoch_end) or last_step or stopped_early:
-            save_now(step)
-    progress.close()
-    return {
-        "steps": state["step"],
-        "total_steps": total_steps,
-        "epochs": state["epoch"] + state["batch"] / n_batches,
-        "best": {"metric": train.early_stop.metric, "value": state["best"], "step": state["best_step"]},
-        "final": last_eval,
-        "stopped_early": stopped_early,
-        f"{job.unit}_per_s": state["units"] / state["seconds"] if state["seconds"] else None,
-        "peak_mem_gib": _memory_gib(device),
-    }
+    def stop_nonfinite(self, error: NonFinite) -> None:
+        """Log and raise RunStopped with advice; the weights were not updated and no checkpoint is overwritten."""
+        step, lr = self.state["step"] + 1, self.train.lr
+        self.log.write({"event": "stopped", "step": step, "reason": f"non-finite {error.what}", "value": error.value})
+        saved = ckpt.list_checkpoints(self.run_dir)
+        where = f"The last good checkpoint, {saved[-1]}, is kept as it was." if saved else "No checkpoint was written."
+        raise RunStopped(
+            f"The {error.what} became {error.value} at optimizer step {step}; training stopped before the weights "
+            f"were updated. {where} Likely causes: a learning rate too high (train.lr is {lr:g}; try {lr / 10:g}), "
+            "fp16 overflow (use model.dtype: bf16 or fp32 where the hardware allows), or broken rows in the data. "
+            f"`tunelab diagnose {self.run_dir}` reads the curves."
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json reports about training."""
+        seconds = self.state["seconds"]
+        return {
+            "steps": self.state["step"],
+            "total_steps": self.total_steps,
+            "epochs": self.epoch_progress(),
+            "best": {
+                "metric": self.train.early_stop.metric,
+                "value": self.state["best"],
+                "step": self.state["best_step"],
+            },
+            "final": self.last_eval,
+            "stopped_early": self.stopped_early,
+            f"{self.job.unit}_per_s": self.state["units"] / seconds if seconds else None,
+            "peak_mem_gib": _memory_gib(self.accelerator.device),
+        }
 
 
 def _global_sum(accelerator: Any, value: float) -> float:
@@ -273,18 +361,3 @@ def _memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-
-
-def _stop_nonfinite(
-    log: Any, state: dict[str, Any], value: float, run_dir: Path, lr: float, what: str = "loss"
-) -> None:
-    step = state["step"] + 1
-    log.write({"event": "stopped", "step": step, "reason": f"non-finite {what}", "value": value})
-    saved = ckpt.list_checkpoints(run_dir)
-    where = f"The last good checkpoint, {saved[-1]}, is kept as it was." if saved else "No checkpoint was written."
-    raise RunStopped(
-        f"The {what} became {value} at optimizer step {step}; training stopped before the weights were updated. "
-        f"{where} Likely causes: a learning rate too high (train.lr is {lr:g}; try {lr / 10:g}), fp16 overflow "
-        "(use model.dtype: bf16 or fp32 where the hardware allows), or broken rows in the data. "
-        f"`tunelab diagnose {run_dir}` reads the curves."
-    )
