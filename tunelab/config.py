@@ -114,6 +114,9 @@ class DataConfig(Section):
         None, description="Tokenized-data cache folder; default $TUNELAB_CACHE or ~/.cache/tunelab."
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N training rows (quick experiments).")
+    valid_limit: int | None = Field(
+        None, ge=1, description="Use only the first N validation rows (cheaper evaluation on a CPU or with generation)."
+    )
 
 
 class EarlyStopConfig(Section):

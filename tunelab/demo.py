@@ -39,6 +39,13 @@ def run_demo(task: str, out: Path, overrides: list[str]) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text())
     table = Table("question", "before", "after", "reference", show_lines=True)
     for before, after in zip(summary.get("samples_before", []), summary.get("samples_after", []), strict=False):
-        table.add_row(before["prompt"], before["answer"], after["answer"], after["reference"])
+        table.add_row(
+            *(_short(text) for text in (before["prompt"], before["answer"], after["answer"], after["reference"]))
+        )
     console.print(table)
     return run_dir
+
+
+def _short(text: str, limit: int = 90) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -89,14 +89,17 @@ def split_train_valid(config: RunConfig) -> tuple[list[dict], list[dict]]:
     if config.data.limit:
         train = train[: config.data.limit]
     if config.data.valid:
-        return train, read_conversations(config.data.valid, config)
-    if config.data.valid_split == 0 or len(train) < 2:
-        return train, []
-    order = list(range(len(train)))
-    random.Random(config.train.seed).shuffle(order)
-    n_valid = max(1, int(round(len(train) * config.data.valid_split)))
-    valid_ids = set(order[:n_valid])
-    return [c for i, c in enumerate(train) if i not in valid_ids], [c for i, c in enumerate(train) if i in valid_ids]
+        valid = read_conversations(config.data.valid, config)
+    elif config.data.valid_split == 0 or len(train) < 2:
+        valid = []
+    else:
+        order = list(range(len(train)))
+        random.Random(config.train.seed).shuffle(order)
+        n_valid = max(1, int(round(len(train) * config.data.valid_split)))
+        valid_ids = set(order[:n_valid])
+        valid = [c for i, c in enumerate(train) if i in valid_ids]
+        train = [c for i, c in enumerate(train) if i not in valid_ids]
+    return train, valid[: config.data.valid_limit] if config.data.valid_limit else valid
 
 
 def tokenize_conversations(
@@ -384,7 +387,7 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     finally:
         log.close()
     after = sample_answers(accelerator.unwrap_model(job.model), tokenizer, samples, config) if samples else []
-    for item in after:
+    for item in after if not show_before else []:  # the demo prints before / after side by side instead
         console.print(f"[bold]Q[/] {item['prompt']}\n[bold]A[/] {item['answer']}")
     finish_run(
         run_dir,

@@ -177,8 +177,9 @@ class Loop:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.model.train()
-        units, started = 0, time.perf_counter()
+        units, seconds = 0, 0.0  # throughput counts training time only, not evaluation or saving
         while self.state["step"] < self.total_steps and not self.stopped_early:
+            started = time.perf_counter()
             batches = self.epoch_batches()
             window = batches[self.state["batch"] : self.state["batch"] + self.window_size]
             mine = window[self.accelerator.process_index :: self.world]
@@ -186,6 +187,9 @@ class Loop:
             units += sum(self.job.units_in(batch) for batch in micro)
             loss_total, targets = accumulate_window(self.job, self.model, micro, self.accelerator)
             grad_norm, lr = self.optimizer_step()
+            if self.accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - started
             self.state["step"] += 1
             self.state["batch"] += len(window)
             epoch_end = self.state["batch"] >= len(batches)
@@ -195,8 +199,8 @@ class Loop:
             step, last = self.state["step"], self.state["step"] >= self.total_steps
             if step % self.train.log_every == 0 or last:
                 loss = _global_sum(self.accelerator, loss_total) / max(targets, 1)
-                self.log_train(loss, lr, grad_norm, _global_sum(self.accelerator, units), time.perf_counter() - started)
-                units, started = 0, time.perf_counter()
+                self.log_train(loss, lr, grad_norm, _global_sum(self.accelerator, units), seconds)
+                units, seconds = 0, 0.0
             if self.job.evaluate is not None and (_due(self.train.eval_every, step, epoch_end) or last):
                 self.evaluate(step)
             elif self.job.evaluate is None and last:  # no validation data: the final weights are the best
