@@ -115,3 +115,11 @@ def test_init_prints_a_loadable_config(tmp_path: Path, capsys: pytest.CaptureFix
     assert load_config(tmp_path / "c.yaml").model.name == "smollm2-135m-instruct"
     assert main(["recipes"]) == 0
     assert "sft-qlora-t4" in capsys.readouterr().out
+
+
+def test_tensorboard_mirror(workspace: Path) -> None:
+    pytest.importorskip("tensorboard")
+    path = config_file(workspace, "board", train={"tensorboard": True, "max_steps": 2, "eval_every": 2})
+    assert main(["train", str(path)]) == 0
+    events = list((workspace / "board" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

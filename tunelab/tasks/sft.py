@@ -332,6 +332,14 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     started = time.time()
     if not resume:
         _refuse_existing_run(config)
+    if config.train.tensorboard:  # fail before any work when the package is missing
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UserError(
+                "train.tensorboard is true but the tensorboard package is not installed: "
+                "pip install 'tunelab[tensorboard]', or set train.tensorboard=false."
+            )
     device, dtype = device_and_dtype(config)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
@@ -354,7 +362,7 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     accelerator = make_accelerator(dtype)
     run_dir, resume_from = prepare_run_dir(config, resume)
     write_config(run_dir, config)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=config.train.tensorboard)
     if resume_from is None:
         log.write(
             {

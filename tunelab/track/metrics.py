@@ -9,22 +9,45 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends events ({"event": "train" | "eval" | ..., "step": ..., ...}) to a JSONL file."""
+    """Appends events ({"event": "train" | "eval" | ..., "step": ..., ...}) to a JSONL file, and mirrors the
+    numbers of train / eval events to TensorBoard when asked."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", encoding="utf-8")
+        self._board = tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; non-finite floats become null so every line stays valid JSON."""
         clean = {key: _finite(value) for key, value in record.items()}
         self._file.write(json.dumps(clean, ensure_ascii=False) + "\n")
         self._file.flush()
+        if self._board is not None and record.get("event") in ("train", "eval"):
+            split = "train" if record["event"] == "train" else "valid"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                    self._board.add_scalar(f"{split}/{key}", value, record["step"])
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file (and the TensorBoard writer)."""
         self._file.close()
+        if self._board is not None:
+            self._board.close()
+
+
+def tensorboard_writer(folder: Path) -> Any:
+    """A TensorBoard SummaryWriter, or a clear error when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tunelab.errors import UserError
+
+        raise UserError(
+            "train.tensorboard is true but the tensorboard package is not installed: "
+            "pip install 'tunelab[tensorboard]', or set train.tensorboard=false."
+        ) from None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def _finite(value: Any) -> Any:
