@@ -78,7 +78,7 @@ def accumulate_window(
         with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
             loss = job.loss_sum(model, batch)
         if not torch.isfinite(loss):
-            raise NonFinite("loss", float(loss))
+            raise NonFinite("loss", float(loss.detach()))
         # DDP averages gradients over processes; multiply back so the result is sum / window_targets.
         accelerator.backward(loss * world / max(window_targets, 1))
         loss_total += float(loss.detach())
