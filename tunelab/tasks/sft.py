@@ -206,12 +206,23 @@ def lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
 @torch.no_grad()
 def evaluate_examples(
-    model: torch.nn.Module, examples: list[dict], pad_id: int, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    examples: list[dict],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    accelerator: Any = None,
 ) -> dict[str, float]:
-    """Valid loss (mean over target tokens), perplexity and next-token accuracy on the targets."""
+    """Valid loss (mean over target tokens), perplexity and next-token accuracy on the targets.
+
+    With several processes each scores every N-th example (by length, so the shards cost about the same) and
+    the sums are added up across processes."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    sharded = accelerator is not None and accelerator.num_processes > 1
+    if sharded:
+        order = order[accelerator.process_index :: accelerator.num_processes]
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(order), batch_size):
         batch = textdata.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
@@ -226,6 +237,9 @@ def evaluate_examples(
         correct += int(((shifted.argmax(-1) == targets) & mask).sum())
         count += int(mask.sum())
     model.train(was_training)
+    if sharded:
+        sums = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=accelerator.device)
+        loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(count, 1)}
 
@@ -243,8 +257,9 @@ def make_job(
     train_examples: list[dict],
     valid_examples: list[dict],
     device: torch.device,
+    accelerator: Any = None,
 ) -> TrainingJob:
-    """The TrainingJob for sft."""
+    """The TrainingJob for sft (evaluation sharded over the accelerator's processes when there are several)."""
     pad_id = tokenizer.pad_token_id
     data = (
         textdata.pack_examples(train_examples, config.data.max_length, config.train.seed)
@@ -253,7 +268,7 @@ def make_job(
     )
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return evaluate_examples(m, valid_examples, pad_id, config.eval.batch_size, device)
+        return evaluate_examples(m, valid_examples, pad_id, config.eval.batch_size, device, accelerator)
 
     return TrainingJob(
         model=model,
@@ -324,23 +339,15 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     """Train a run end to end and return its folder. Data and model problems surface before the folder is made."""
     from accelerate.utils import set_seed
 
-    from tunelab.track.metrics import MetricsLog
     from tunelab.track.progress import TrainProgress, console
     from tunelab.train.loop import train_loop
-    from tunelab.train.run import finish_run, make_accelerator, prepare_run_dir, write_config
+    from tunelab.train.run import finish_run, make_accelerator, open_run, preflight
 
     started = time.time()
-    if not resume:
-        _refuse_existing_run(config)
-    if config.train.tensorboard:  # fail before any work when the package is missing
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise UserError(
-                "train.tensorboard is true but the tensorboard package is not installed: "
-                "pip install 'tunelab[tensorboard]', or set train.tensorboard=false."
-            )
-    device, dtype = device_and_dtype(config)
+    preflight(config, resume)
+    _, dtype = device_and_dtype(config)
+    accelerator = make_accelerator(dtype)
+    device = accelerator.device
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
     train_conv, valid_conv = split_train_valid(config)
@@ -355,15 +362,13 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     console.print(
         f"model {config.model.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable "
         f"({100 * trainable / max(total, 1):.2f}%), method {config.method.kind}, dtype {dtype}, "
-        f"device {device.type}"
+        f"device {device.type} x {accelerator.num_processes}"
     )
     samples = valid_conv[: config.eval.samples]
     before = sample_answers(model.to(device), tokenizer, samples, config) if show_before else []
-    accelerator = make_accelerator(dtype)
-    run_dir, resume_from = prepare_run_dir(config, resume)
-    write_config(run_dir, config)
-    log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=config.train.tensorboard)
+    run_dir, resume_from, log = open_run(config, resume, accelerator)
     if resume_from is None:
+        data_stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict() if valid_stats else None}
         log.write(
             {
                 "event": "start",
@@ -372,28 +377,24 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
                 "model": config.model.name,
                 "trainable": trainable,
                 "total_params": total,
-                "data": {"train": train_stats.to_dict(), "valid": valid_stats.to_dict() if valid_stats else None},
+                "processes": accelerator.num_processes,
+                "data": data_stats,
             }
         )
         if show_before and valid_examples:  # the starting point of the valid curve
-            log.write(
-                {
-                    "event": "eval",
-                    "step": 0,
-                    "epoch": 0.0,
-                    "split": "valid",
-                    **evaluate_examples(
-                        model.to(device), valid_examples, tokenizer.pad_token_id, config.eval.batch_size, device
-                    ),
-                }
+            metrics = evaluate_examples(
+                model.to(device), valid_examples, tokenizer.pad_token_id, config.eval.batch_size, device
             )
+            log.write({"event": "eval", "step": 0, "epoch": 0.0, "split": "valid", **metrics})
     else:
         console.print(f"resuming from {resume_from}")
-    job = make_job(config, model, tokenizer, train_examples, valid_examples, device)
+    job = make_job(config, model, tokenizer, train_examples, valid_examples, device, accelerator)
     try:
         summary = train_loop(job, config, run_dir, accelerator, log, TrainProgress, resume_from)
     finally:
         log.close()
+    if not accelerator.is_main_process:  # rank 0 writes the summary and shows the answers
+        return run_dir
     after = sample_answers(accelerator.unwrap_model(job.model), tokenizer, samples, config) if samples else []
     for item in after if not show_before else []:  # the demo prints before / after side by side instead
         console.print(f"[bold]Q[/] {item['prompt']}\n[bold]A[/] {item['answer']}")
@@ -404,17 +405,6 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
         {"samples_before": before, "samples_after": after},
     )
     return run_dir
-
-
-def _refuse_existing_run(config: RunConfig) -> None:
-    from tunelab.train.run import RUN_MARKERS
-
-    run_dir = Path(config.output.dir)
-    if not config.output.overwrite and any((run_dir / m).exists() for m in RUN_MARKERS):
-        raise UserError(
-            f"Output folder {run_dir} already holds a run. Continue it with --resume, choose another "
-            "output.dir, or replace it with output.overwrite=true."
-        )
 
 
 def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, torch.nn.Module]:

@@ -36,6 +36,16 @@ class MetricsLog:
             self._board.close()
 
 
+class NullLog:
+    """The log of processes other than the main one: records are dropped (rank 0 writes the run's log)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def tensorboard_writer(folder: Path) -> Any:
     """A TensorBoard SummaryWriter, or a clear error when the package is missing."""
     try:

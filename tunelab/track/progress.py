@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# Under torchrun every process runs the same code: only rank 0 talks.
+console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)
 
 
 class TrainProgress:

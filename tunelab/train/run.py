@@ -12,7 +12,7 @@ import torch
 
 from tunelab.config import RunConfig, config_to_yaml
 from tunelab.errors import UserError
-from tunelab.track.metrics import read_metrics, truncate_after
+from tunelab.track.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from tunelab.track.plots import plot_curves
 from tunelab.train import checkpoint as ckpt
 
@@ -51,13 +51,59 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> tuple[Path, Path | None]
     return run_dir, None
 
 
+def preflight(config: RunConfig, resume: bool) -> None:
+    """Checks that cost nothing and must fail before any work (loading a model, tokenizing, making the run
+    folder): an occupied run folder, missing data files, quantization this machine cannot do, a missing package."""
+    from tunelab.data.readers import require_file
+    from tunelab.models.load import check_quantization
+
+    run_dir = Path(config.output.dir)
+    if not resume and not config.output.overwrite and any((run_dir / m).exists() for m in RUN_MARKERS):
+        raise UserError(
+            f"Output folder {run_dir} already holds a run. Continue it with --resume, choose another "
+            "output.dir, or replace it with output.overwrite=true."
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir {run_dir} is a file, not a folder. Choose another output.dir.")
+    if not config.data.train:
+        raise UserError("data.train is not set. Point it at a CSV, JSONL or Parquet file.")
+    require_file(config.data.train, "data.train")
+    if config.data.valid:
+        require_file(config.data.valid, "data.valid")
+    check_quantization(config.model, config.method.kind)
+    if config.train.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UserError(
+                "train.tensorboard is true but the tensorboard package is not installed: "
+                "pip install 'tunelab[tensorboard]', or set train.tensorboard=false."
+            )
+
+
+def open_run(config: RunConfig, resume: bool, accelerator: Any) -> tuple[Path, Path | None, Any]:
+    """Prepare the run folder on the main process (others wait), and return (run_dir, checkpoint to resume
+    from, metrics log). Only the main process writes the log; the others get a log that drops records."""
+    if accelerator.is_main_process:
+        run_dir, resume_from = prepare_run_dir(config, resume)
+        write_config(run_dir, config)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        run_dir = Path(config.output.dir)
+        saved = ckpt.list_checkpoints(run_dir) if resume else []
+        resume_from = saved[-1] if saved else None
+        return run_dir, resume_from, NullLog()
+    return run_dir, resume_from, MetricsLog(run_dir / "metrics.jsonl", tensorboard=config.train.tensorboard)
+
+
 def write_config(run_dir: Path, config: RunConfig) -> None:
     """The resolved config, every default filled."""
     (run_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
 
 
 def make_accelerator(dtype: torch.dtype) -> Any:
-    """An Accelerator whose mixed precision matches the model dtype (none on CPU)."""
+    """An Accelerator whose mixed precision matches the model dtype (none on CPU). Under torchrun or
+    `accelerate launch` it joins the process group (NCCL on GPUs, gloo on CPUs)."""
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
