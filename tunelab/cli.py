@@ -7,6 +7,7 @@ traceback; 1 an internal error or a run stopped by a guard. `--debug` shows trac
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -22,11 +23,32 @@ app = typer.Typer(
     help="tunelab: from a CSV to a fine-tuned model, metrics and predictions, with one YAML.",
 )
 _state = {"debug": False}
+# Verbs that load a model: only these pay for importing transformers to quiet it.
+_MODEL_VERBS = ("train", "eval", "predict", "export", "demo")
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(
+    ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+) -> None:
     _state["debug"] = debug
+    if ctx.invoked_subcommand in _MODEL_VERBS and not debug:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Drop library noise from a normal run: transformers' per-load "Loading weights" bars, and FutureWarnings
+    that transformers / peft / accelerate raise about their own internals (addressed to library authors, and
+    nothing a user of tunelab can act on). Their logged warnings stay on (a checkpoint with missing weights must
+    still be reported), and so do tunelab's own warnings, which go through the console, not `warnings`.
+    `--debug` keeps everything."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for library in ("transformers", "peft", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{library}(\.|$)")
 
 
 def _task_module(task: str):  # noqa: ANN202 - a module
@@ -42,13 +64,35 @@ def train(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4 data.max_length=2048."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output.dir from its last checkpoint."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Processes to launch (one per GPU; gloo processes on a CPU)."),
 ) -> None:
     """Train; prints progress, writes the run folder and prints its path last."""
     from tunelab.config import load_config
 
-    run_config = load_config(config, overrides or [])
+    run_config = load_config(config, overrides or [])  # validate before launching anything
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(_launch(gpus, ["train", str(config), *(overrides or []), *(["--resume"] if resume else [])]))
     run_dir = _task_module(run_config.task).train(run_config, resume=resume)
-    typer.echo(str(run_dir))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(str(run_dir))
+
+
+def _launch(processes: int, args: list[str]) -> int:
+    """Run this command in `processes` processes through torchrun (the same code on 1 or N; rank 0 writes)."""
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "tunelab",
+        *(["--debug"] if _state["debug"] else []),
+        *args,
+    ]
+    return subprocess.call(command)
 
 
 @app.command("eval")
@@ -120,28 +164,36 @@ def demo(
 def _run_task(run: Path) -> str:
     import yaml
 
+    if not Path(run).exists():
+        raise UserError(f"Run folder {run} does not exist. Pass the output.dir of a finished `tunelab train`.")
     config_file = Path(run) / "config.yaml"
     if not config_file.exists():
         raise UserError(f"{run} is not a tunelab run folder (no config.yaml). Pass the output.dir of a run.")
-    return (yaml.safe_load(config_file.read_text()) or {}).get("task", "sft")
+    try:
+        saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{config_file} is not a readable run config. Was it edited? Train the run again.")
+    return saved.get("task", "sft")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn errors into exit codes and readable messages."""
     from rich.console import Console
 
-    err = Console(stderr=True)
+    err = Console(stderr=True)  # messages are printed with soft_wrap: a path cut at column 80 cannot be copied
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except UserError as error:
         if _state["debug"]:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return UserError.exit_code
     except RunStopped as error:
         if _state["debug"]:
             traceback.print_exc()
-        err.print(f"[bold red]stopped:[/] {error}", highlight=False)
+        err.print(f"[bold red]stopped:[/] {error}", highlight=False, soft_wrap=True)
         return RunStopped.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; `tunelab train CONFIG --resume` continues from the last checkpoint.")
@@ -162,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             f"[bold red]internal error:[/] {type(error).__name__}: {error}\nRun again with --debug for the "
             "traceback, and report it with the config.",
             highlight=False,
+            soft_wrap=True,
         )
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -213,6 +213,8 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | tupl
         base_dir = path.resolve().parent
     for item in overrides:
         _apply_override(raw, item)
+    if overrides:  # a bad value may come from the command line rather than the file: say where to look
+        label += f" with overrides {' '.join(overrides)}"
     config = validate_config(raw, label)
     if base_dir is not None:
         _resolve_paths(config, base_dir)
@@ -270,17 +272,38 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _format_validation_error(error: ValidationError, label: str) -> str:
-    lines = [f"{label} has {error.error_count()} invalid setting(s):"]
+    # key -> [what is wrong, what follows it]; one line per key, as a union type (int | 'epoch') reports one
+    # error per member and these read better merged ("should be a valid integer, or should be 'epoch'")
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
         loc = [str(p) for p in item["loc"]]
-        key = ".".join(loc)
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}'.{_suggest(loc)}")
+            problems[".".join(loc)] = [f"unknown key '{'.'.join(loc)}'.", _suggest(loc)]
             continue
-        value = item.get("input")
-        lines.append(f"  - {key}: got {value!r}; {item['msg'].lower()}.{_allowed(loc)}")
+        field, inner = _split_loc(list(item["loc"]))
+        key = ".".join(field) + "".join(f"[{i}]" for i in inner)
+        if key in problems:
+            problems[key][0] += f", or {item['msg'].lower()}"
+        else:
+            problems[key] = [f"{key}: got {item.get('input')!r}; {item['msg'].lower()}", f".{_allowed(field)}"]
+    lines = [f"{label} has {len(problems)} invalid setting(s):"]
+    lines += [f"  - {text}{tail}" for text, tail in problems.values()]
     lines.append("Fix the file or the override; `tunelab init sft` prints a full config with every key documented.")
     return "\n".join(lines)
+
+
+def _split_loc(loc: list[str | int]) -> tuple[list[str], list[int]]:
+    """A pydantic error location as (the config key, item indexes inside it). Union member tags that pydantic
+    appends (`int`, `literal['epoch']`, `list[str]`) are dropped: they are type names, not keys."""
+    field: list[str] = []
+    model: type[BaseModel] | None = RunConfig
+    for index, part in enumerate(loc):
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return field, [p for p in loc[index:] if isinstance(p, int)]
+        field.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return field, []
 
 
 def _section_model(loc: list[str]) -> type[BaseModel] | None:
@@ -296,10 +319,59 @@ def _section_model(loc: list[str]) -> type[BaseModel] | None:
     return model
 
 
+# Names other fine-tuning tools use (HF TrainingArguments, peft, axolotl) for keys that are spelled differently
+# here. Spelling distance cannot find these (learning_rate is far from lr), so they are looked up by name.
+KEY_ALIASES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "epoch": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_accumulation": "train.grad_accum",
+    "lr_scheduler_type": "train.schedule",
+    "lr_scheduler": "train.schedule",
+    "scheduler": "train.schedule",
+    "warmup_ratio": "train.warmup",
+    "warmup_steps": "train.warmup",
+    "max_grad_norm": "train.max_grad_norm",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "logging_steps": "train.log_every",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "lora_r": "method.r",
+    "rank": "method.r",
+    "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout",
+    "target_modules": "method.target",
+    "lora_target_modules": "method.target",
+    "peft": "method.kind",
+    "adapter": "method.kind",
+    "base_model": "model.name",
+    "model_name": "model.name",
+    "model_name_or_path": "model.name",
+    "torch_dtype": "model.dtype",
+    "load_in_4bit": "model.quantize",
+    "load_in_8bit": "model.quantize",
+    "max_seq_length": "data.max_length",
+    "sequence_len": "data.max_length",
+    "max_len": "data.max_length",
+    "output_dir": "output.dir",
+    "save_total_limit": "output.keep_last",
+}
+
+
 def _suggest(loc: list[str]) -> str:
+    alias = KEY_ALIASES.get(loc[-1].lower())
+    if alias:
+        return f" Did you mean '{alias}'?"
     parent = _section_model(loc[:-1])
     if parent is None:
         return ""
+    elsewhere = [key for key in _all_keys() if key.rsplit(".", 1)[-1] == loc[-1]]
+    if elsewhere:  # a right name in the wrong section (lr at the top level, data.seed)
+        return f" Did you mean '{elsewhere[0]}'?"
     names = list(parent.model_fields)
     close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.5)
     prefix = ".".join(loc[:-1])
@@ -307,6 +379,18 @@ def _suggest(loc: list[str]) -> str:
     if close:
         return f" Did you mean '{full(close[0])}'?"
     return f" Valid keys here: {', '.join(names)}."
+
+
+def _all_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every leaf key as a dotted name, in declaration order (train.batch_size before eval.batch_size)."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_all_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
 
 
 def _allowed(loc: list[str]) -> str:

@@ -13,6 +13,19 @@ from tunelab.errors import UserError
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
+def require_file(path: str | Path, key: str) -> None:
+    """Raise UserError naming the config key (data.train, data.valid) when its file is missing or a folder."""
+    path = Path(path)
+    if path.is_file():
+        return
+    where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+    problem = "is a folder, not a file" if path.is_dir() else f"does not exist{where}"
+    raise UserError(
+        f"{key} is {path}, which {problem}. Fix {key} in the config or with an override such as "
+        f"{key}=path/to/file.jsonl (relative paths are taken from the config file's folder or the current folder)."
+    )
+
+
 def read_table(path: str | Path) -> list[dict[str, Any]]:
     """Read a CSV / TSV / JSONL / JSON / Parquet file into a list of row dicts.
 
@@ -21,9 +34,11 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     if not path.exists():
+        # a relative path is looked up from the current folder: show where, which is what usually surprises
+        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
         raise UserError(
-            f"Data file {path} does not exist. Check data.train / data.valid / data.test in the config "
-            "(relative paths are taken from the config file's folder or the current folder)."
+            f"Data file {path} does not exist{where}. Check data.train / data.valid / data.test in the "
+            "config (relative paths are taken from the config file's folder or the current folder)."
         )
     if path.is_dir():
         raise UserError(f"Data file {path} is a folder; point the config at a CSV, JSONL or Parquet file.")
@@ -54,6 +69,11 @@ def _read_utf8(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode Text" export is UTF-16 with a BOM
+            raise UserError(
+                f"Data file {path} is UTF-16, not UTF-8. Re-save it as UTF-8 (in Excel: CSV UTF-8), or "
+                f"`iconv -f utf-16 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}`."
+            ) from None
         line = raw[: error.start].count(b"\n") + 1
         raise UserError(
             f"Data file {path} is not UTF-8 (first bad byte on line {line}, byte offset {error.start}). "
@@ -71,11 +91,14 @@ def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(
-                f"Data file {path}, line {number}: malformed JSON ({error.msg} at column {error.colno}). "
-                "Each line of a JSONL file must be one JSON object."
+                f"Data file {path}, line {number}: malformed JSON ({error.msg}; column {error.colno}). "
+                "Each line of a JSONL file must be one complete JSON object; fix or remove that line."
             ) from None
         if not isinstance(row, dict):
-            raise UserError(f"Data file {path}, line {number}: expected a JSON object, got {type(row).__name__}.")
+            raise UserError(
+                f'Data file {path}, line {number}: expected a JSON object such as {{"messages": [...]}}, '
+                f"got a {type(row).__name__}."
+            )
         rows.append(row)
     return rows
 

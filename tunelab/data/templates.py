@@ -102,12 +102,18 @@ def row_to_messages(row: dict[str, Any], shape: str, data: DataConfig, where: st
 
 
 def _message(item: Any, where: str, index: int) -> Message:
+    number = index + 1  # people count messages from 1, as they count rows and lines
     if not isinstance(item, dict):
-        raise UserError(f"{where}: message {index} is not an object with role and content.")
-    role = str(item.get("role", item.get("from", ""))).strip().lower()
+        raise UserError(f"{where}: message {number} is not an object with role and content.")
+    raw_role = item.get("role", item.get("from"))
+    role = str(raw_role if raw_role is not None else "").strip().lower()
     role = ROLE_SYNONYMS.get(role, role)
     if role not in ROLES:
-        raise UserError(f"{where}: message {index} has unknown role '{role}'. Allowed roles: {', '.join(ROLES)}.")
+        found = f"unknown role '{raw_role}'" if role else "no 'role'"
+        raise UserError(
+            f"{where}: message {number} has {found}. Allowed roles: {', '.join(ROLES)} (also read: "
+            f"{', '.join(ROLE_SYNONYMS)}). Fix the role or remove the row."
+        )
     content = item.get("content", item.get("value"))
     return {"role": role, "content": _text(content)}
 

@@ -129,8 +129,9 @@ def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for parameter in model.parameters():
         count = parameter.numel()
-        if hasattr(parameter, "quant_state") or parameter.dtype == torch.uint8:  # packed 4-bit: two values a byte
-            count *= 2
+        if hasattr(parameter, "quant_state") or parameter.dtype == torch.uint8:
+            # packed 4-bit: two values a byte, whatever the storage dtype (QLoRA stores them in bf16 / fp16)
+            count = parameter.numel() * parameter.element_size() * 2
         total += count
         trainable += count if parameter.requires_grad else 0
     return trainable, total

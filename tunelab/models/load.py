@@ -11,6 +11,9 @@ import torch
 from tunelab.config import ModelConfig
 from tunelab.errors import UserError
 
+# Any one of these makes a folder loadable by AutoTokenizer (fast, sentencepiece or BPE vocab files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 def resolve_dtype(requested: str, device: torch.device | str | None = None) -> torch.dtype:
     """The weight / compute dtype for `model.dtype`.
@@ -49,13 +52,27 @@ def resolve_model_path(name: str) -> str:
 
 
 def check_model_source(name: str) -> None:
-    """Refuse early and clearly when a local-looking model path does not exist."""
+    """Refuse early and clearly when a local-looking model path does not exist, or is a folder without a model
+    (transformers would otherwise fail deep inside with a ValueError about tokenizer backends)."""
+    folder = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix != ""
-    if looks_local and not Path(name).expanduser().exists():
+    if looks_local and not folder.exists():
         raise UserError(
             f"Model folder {name} does not exist. Set model.name to an existing folder, a hub id, or "
             "the embedded default 'smollm2-135m-instruct'."
         )
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return
+    if (folder / "adapter_config.json").exists():
+        raise UserError(
+            f"Model folder {name} holds a peft adapter, not a whole model. Set model.name to its base model, or "
+            "make a standalone model with `tunelab export RUN --out FOLDER --merge`."
+        )
+    raise UserError(
+        f"Model folder {name} has no config.json, so it is not a Hugging Face model folder (expected "
+        "config.json, tokenizer files and *.safetensors, as save_pretrained writes them). Point model.name at "
+        "the folder that holds them."
+    )
 
 
 def load_tokenizer(config: ModelConfig) -> Any:
@@ -68,10 +85,16 @@ def load_tokenizer(config: ModelConfig) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=config.trust_remote_code, revision=config.revision
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder with a model but no usable tokenizer files
+        folder = Path(path).expanduser()
+        if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+            raise UserError(
+                f"Model folder {config.name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}). Save the "
+                "tokenizer beside the weights (tokenizer.save_pretrained(folder)) or use the original model folder."
+            ) from None
         raise UserError(
-            f"Could not load a tokenizer from '{config.name}': {error}. No model hub is reachable from "
-            "here: use a local folder or the embedded 'smollm2-135m-instruct'."
+            f"Could not load a tokenizer from '{config.name}': {str(error).strip().rstrip('.')}. Use a folder "
+            "that holds the tokenizer files, a reachable hub id, or the embedded 'smollm2-135m-instruct'."
         ) from None
     ensure_pad_token(tokenizer)
     return tokenizer
@@ -94,17 +117,32 @@ def ensure_pad_token(tokenizer: Any) -> None:
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(first)
 
 
-def quantization_config(config: ModelConfig, method_kind: str, dtype: torch.dtype) -> Any | None:
-    """bitsandbytes settings: NF4 with double quantization for QLoRA (compute dtype = model dtype), or int8."""
+def check_quantization(config: ModelConfig, method_kind: str) -> str:
+    """The quantization to load with ('none', 'nf4' or 'int8'); UserError when this machine cannot do it.
+
+    Cheap (no model is loaded), so `tunelab train` calls it before reading data or creating the run folder.
+    """
     quantize = "nf4" if method_kind == "qlora" else config.quantize
     if quantize == "none":
-        return None
+        return quantize
     if not torch.cuda.is_available():
         raise UserError(
             f"{'method.kind: qlora' if method_kind == 'qlora' else 'model.quantize: ' + quantize} needs "
             "a CUDA GPU (bitsandbytes 4/8-bit kernels), and none is visible. On this machine use "
             "method.kind: lora with model.quantize: none."
         )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("Quantized loading needs bitsandbytes: pip install 'tunelab[gpu]'.")
+    return quantize
+
+
+def quantization_config(config: ModelConfig, method_kind: str, dtype: torch.dtype) -> Any | None:
+    """bitsandbytes settings: NF4 with double quantization for QLoRA (compute dtype = model dtype), or int8."""
+    quantize = check_quantization(config, method_kind)
+    if quantize == "none":
+        return None
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -138,6 +176,7 @@ def load_causal_lm(config: ModelConfig, method_kind: str, device: torch.device) 
         kwargs["attn_implementation"] = config.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if device.type == "cuda":  # load straight onto the GPU: no CPU copy, and the optimizer sees CUDA tensors (fused)
         kwargs["device_map"] = {"": device.index or 0}
     try:
         model_config = AutoConfig.from_pretrained(
@@ -151,8 +190,8 @@ def load_causal_lm(config: ModelConfig, method_kind: str, device: torch.device) 
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise UserError(
-            f"Could not load a causal LM from '{config.name}': {error}".rstrip(".") + ". No model hub "
-            "is reachable from here: use a local folder or 'smollm2-135m-instruct'."
+            f"Could not load a causal LM from '{config.name}': {str(error).strip().rstrip('.')}. Use a folder "
+            "that holds the weights, a reachable hub id, or the embedded 'smollm2-135m-instruct'."
         ) from None
     return model
 

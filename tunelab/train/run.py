@@ -63,6 +63,8 @@ def preflight(config: RunConfig, resume: bool) -> None:
             f"Output folder {run_dir} already holds a run. Continue it with --resume, choose another "
             "output.dir, or replace it with output.overwrite=true."
         )
+    if resume and not any((run_dir / m).exists() for m in RUN_MARKERS):  # prepare_run_dir says it too, but late
+        raise UserError(f"--resume: {run_dir} holds no run to continue. Drop --resume to start a new run.")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output.dir {run_dir} is a file, not a folder. Choose another output.dir.")
     if not config.data.train:
