@@ -68,9 +68,11 @@ def train(
 ) -> None:
     """Train; prints progress, writes the run folder and prints its path last."""
     from tunelab.config import load_config
+    from tunelab.train.run import preflight
 
-    run_config = load_config(config, overrides or [])  # validate before launching anything
+    run_config = load_config(config, overrides or [])
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        preflight(run_config, resume)  # the common mistakes fail once, here, not once per process
         raise typer.Exit(_launch(gpus, ["train", str(config), *(overrides or []), *(["--resume"] if resume else [])]))
     run_dir = _task_module(run_config.task).train(run_config, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -78,21 +80,22 @@ def train(
 
 
 def _launch(processes: int, args: list[str]) -> int:
-    """Run this command in `processes` processes through torchrun (the same code on 1 or N; rank 0 writes)."""
-    import subprocess
+    """Run this command in `processes` processes through torchrun (the same code on 1 or N; rank 0 writes).
 
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "tunelab",
-        *(["--debug"] if _state["debug"] else []),
-        *args,
-    ]
-    return subprocess.call(command)
+    Returns 2 when a process stopped on a user error (its message was printed by rank 0), else torchrun's code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    debug = ["--debug"] if _state["debug"] else []
+    launch = get_args_parser().parse_args(
+        ["--standalone", f"--nproc_per_node={processes}", "-m", "tunelab", *debug, *args]
+    )
+    try:
+        run(launch)
+    except ChildFailedError as failed:
+        codes = {failure.exitcode for failure in failed.failures.values()}
+        return 2 if 2 in codes else 1
+    return 0
 
 
 @app.command("eval")
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn errors into exit codes and readable messages."""
     from rich.console import Console
 
-    err = Console(stderr=True)  # messages are printed with soft_wrap: a path cut at column 80 cannot be copied
+    # one message, from rank 0; printed with soft_wrap, since a path cut at column 80 cannot be copied
+    err = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except UserError as error:
