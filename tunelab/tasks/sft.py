@@ -56,12 +56,12 @@ def read_conversations(path: str, config: RunConfig, need_answer: bool = True) -
 
         require_columns(path, rows, [config.data.columns.instruction], "data.columns.instruction")
     conversations = []
-    empty = 0
+    empty: list[int] = []
     for number, row in enumerate(rows, start=1):
         where = f"Data file {path}, row {number}"
         messages = row_to_messages(row, shape, config.data, where, need_answer)
         if need_answer and answer_is_empty(messages):
-            empty += 1
+            empty.append(number)
             continue
         row_id = row.get(config.data.columns.id)
         conversations.append({"id": str(row_id) if row_id not in (None, "") else str(number - 1), "messages": messages})
@@ -71,7 +71,8 @@ def read_conversations(path: str, config: RunConfig, need_answer: bool = True) -
             f"Check the answer column ('{config.data.columns.output}' or the assistant turns)."
         )
     if empty:
-        _warn(f"{path}: dropped {empty} of {len(rows)} rows with an empty answer.")
+        shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        _warn(f"{path}: dropped {len(empty)} of {len(rows)} rows with an empty answer (rows {shown}).")
     return conversations
 
 
