@@ -51,12 +51,22 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> tuple[Path, Path | None]
     return run_dir, None
 
 
+def configure_cuda_allocator() -> None:
+    """Use expandable segments unless the user chose allocator settings: with batches of varying padded length,
+    the default caching allocator reserved 63 GiB for 14 GiB of live tensors and stalled the first QLoRA steps
+    (BENCHMARKS.md, Llama-3.2-1B smoke). Must run before the first CUDA allocation."""
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def preflight(config: RunConfig, resume: bool) -> None:
     """Checks that cost nothing and must fail before any work (loading a model, tokenizing, making the run
     folder): an occupied run folder, missing data files, quantization this machine cannot do, a missing package."""
     from tunelab.data.readers import require_file
     from tunelab.models.load import check_quantization
 
+    configure_cuda_allocator()
     run_dir = Path(config.output.dir)
     if not resume and not config.output.overwrite and any((run_dir / m).exists() for m in RUN_MARKERS):
         raise UserError(
