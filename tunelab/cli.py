@@ -62,15 +62,21 @@ def _task_module(task: str):  # noqa: ANN202 - a module
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-4 data.max_length=2048."),
+    overrides: list[str] = typer.Argument(
+        None,
+        help="Patch files (x.yaml, e.g. from `tunelab diagnose RUN --write-patch x.yaml`) and dotted overrides "
+        "(train.lr=1e-4); patches are merged first, in order, then the overrides.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output.dir from its last checkpoint."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Processes to launch (one per GPU; gloo processes on a CPU)."),
 ) -> None:
     """Train; prints progress, writes the run folder and prints its path last."""
+    from tunelab.advise.patch import is_patch_argument
     from tunelab.config import load_config
     from tunelab.train.run import preflight
 
-    run_config = load_config(config, overrides or [])
+    patches = [a for a in overrides or [] if is_patch_argument(a)]
+    run_config = load_config(config, [a for a in overrides or [] if not is_patch_argument(a)], patches)
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
         preflight(run_config, resume)  # the common mistakes fail once, here, not once per process
         raise typer.Exit(_launch(gpus, ["train", str(config), *(overrides or []), *(["--resume"] if resume else [])]))
@@ -105,6 +111,7 @@ def eval_(
 ) -> None:
     """Score a run's best weights; prints JSON."""
     task = _run_task(run)
+    _check_paths(data=data)
     typer.echo(json.dumps(_task_module(task).evaluate_run(run, data), indent=2))
 
 
@@ -116,6 +123,7 @@ def predict(
 ) -> None:
     """Write predictions for every row of --data."""
     task = _run_task(run)
+    _check_paths(data=data, out_file=out)
     typer.echo(str(_task_module(task).predict_run(run, data, out)))
 
 
@@ -127,7 +135,55 @@ def export(
 ) -> None:
     """Adapter or merged weights in the standard HF / peft layout (safetensors)."""
     task = _run_task(run)
+    _check_paths(out_folder=out)
     typer.echo(str(_task_module(task).export_run(run, out, merge)))
+
+
+@app.command("inspect")
+def inspect_(
+    target: Path = typer.Argument(..., help="Run config (YAML), or a data file or image folder."),
+    out: Path = typer.Option(
+        None, "--out", help="Folder for inspect.json / inspect.html (default: the config's output.dir, else beside it)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print inspect.json instead of the summary."),
+) -> None:
+    """EDA: findings first (ranked, each with its fix), inspect.json and inspect.html with plots."""
+    from tunelab.advise.inspect import inspect_config, inspect_file
+    from tunelab.advise.inspect_report import print_report
+    from tunelab.config import load_config
+
+    if target.suffix.lower() in (".yaml", ".yml"):
+        run_config = load_config(target)
+        report = inspect_config(run_config, out_dir=out or Path(run_config.output.dir))
+    else:
+        report = inspect_file(target, out_dir=out or (target if target.is_dir() else target.parent))
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        print_report(report)
+
+
+@app.command()
+def diagnose(
+    run: Path = typer.Argument(..., help="Run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print diagnosis.json instead of the ranked text."),
+    write_patch: Path = typer.Option(
+        None, "--write-patch", help="Write the prescribed changes as a YAML patch: `tunelab train CONFIG PATCH`."
+    ),
+) -> None:
+    """Read a run's curves, name the problem with its evidence, prescribe config changes (writes diagnosis.json)."""
+    from tunelab.advise.diagnose import diagnose_run, print_diagnosis
+    from tunelab.advise.diagnose import write_patch as write_patch_file
+
+    diagnosis = diagnose_run(run)
+    if write_patch is not None:
+        write_patch_file(diagnosis, write_patch)
+    if as_json:
+        typer.echo(diagnosis.to_json())
+    else:
+        print_diagnosis(diagnosis)
+        if write_patch is not None:
+            typer.echo(f"patch written to {write_patch}; apply it with `tunelab train CONFIG {write_patch}`", err=True)
 
 
 @app.command()
@@ -164,6 +220,23 @@ def demo(
     typer.echo(str(run_demo(task, out, overrides or [])))
 
 
+def _check_paths(data: str | None = None, out_file: Path | None = None, out_folder: Path | None = None) -> None:
+    """Refuse a missing --data, or an --out that cannot be written, before the run's model is loaded (and, for
+    predict, before every answer is generated only to fail on the write)."""
+    from tunelab.train.run import check_writable_folder
+
+    if data is not None and not Path(data).is_file():
+        problem = "is a folder" if Path(data).is_dir() else f"does not exist (looked for {Path(data).absolute()})"
+        raise UserError(f"--data {data} {problem}. Pass a CSV, JSONL or Parquet file.")
+    if out_file is not None:
+        if out_file.is_dir():
+            raise UserError(f"--out {out_file} is a folder. Pass a file name, e.g. {out_file / 'predictions.csv'}.")
+        # an existing file is replaced; otherwise its folder must be makeable
+        check_writable_folder(out_file.parent if out_file.exists() else out_file, "--out")
+    if out_folder is not None:
+        check_writable_folder(out_folder, "--out")
+
+
 def _run_task(run: Path) -> str:
     import yaml
 
@@ -179,6 +252,27 @@ def _run_task(run: Path) -> str:
     if not isinstance(saved, dict):
         raise UserError(f"{config_file} is not a readable run config. Was it edited? Train the run again.")
     return saved.get("task", "sft")
+
+
+def _click_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(usage error types, abort types) that the parser raises under standalone_mode=False. Typer >= 0.2x raises
+    those of its own copy of click, which `click.ClickException` does not catch; older typer raises click's."""
+    usage: list[type[BaseException]] = []
+    aborts: list[type[BaseException]] = [typer.Abort]
+    try:
+        import click
+
+        usage.append(click.exceptions.ClickException)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:  # typer that vendors click does not install it
+        pass
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # typer that uses click itself
+        pass
+    else:
+        usage.append(ClickException)
+    return tuple(usage), tuple(aborts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,12 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except Exception as error:  # noqa: BLE001 - the last line of defence: a readable internal error
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
+        usage_errors, aborts = _click_exceptions()
+        if isinstance(error, usage_errors):  # unknown verb or option, missing argument: click's usage message
             error.show()
-            return 2
-        if isinstance(error, click.exceptions.Abort):
+            return int(getattr(error, "exit_code", 2))
+        if isinstance(error, aborts):
             return 1
         if _state["debug"]:
             traceback.print_exc()

