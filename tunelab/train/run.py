@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -91,6 +92,19 @@ def preflight(config: RunConfig, resume: bool) -> None:
                 "train.tensorboard is true but the tensorboard package is not installed: "
                 "pip install 'tunelab[tensorboard]', or set train.tensorboard=false."
             )
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """UserError when `folder` cannot be made or written: it, or a parent, is a file, or the nearest existing
+    parent is read-only. Checked up front, since otherwise the failure comes after loading and tokenizing."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == Path(folder).absolute() else f"cannot be made: {existing} is a file"
+        raise UserError(f"{key} {folder} {where}, not a folder. Choose another {key}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {folder}: no permission to write in {existing}. Choose another {key}.")
 
 
 def open_run(config: RunConfig, resume: bool, accelerator: Any) -> tuple[Path, Path | None, Any]:
