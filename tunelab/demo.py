@@ -7,10 +7,20 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 
-def run_demo(task: str, out: Path, overrides: list[str]) -> Path:
-    """Write the demo data, train the demo recipe into `out`, and print answers before and after."""
+def run_demo(task: str, out: Path | None, overrides: list[str]) -> Path:
+    """Write the demo data, train the demo recipe into `out` (default runs/demo-TASK), and print answers before
+    and after."""
+    out = Path(out) if out is not None else Path(f"runs/demo-{task}")
+    if task == "summarize":
+        from tunelab.tasks.summarize_demo import run_summarize_demo
+
+        return run_summarize_demo(out, overrides)
+    if task == "image_cls":
+        from tunelab.tasks.image_cls_demo import run_image_cls_demo
+
+        return run_image_cls_demo(out, overrides)
     if task != "sft":
-        raise UserError(f"No demo for task '{task}' in this version. Available: sft.")
+        raise UserError(f"No demo for task '{task}' in this version. Available: sft, summarize, image_cls.")
     from rich.console import Console
     from rich.table import Table
 

@@ -1,4 +1,5 @@
-"""Batched generation for causal LMs: left padding, length-sorted batches, only the new tokens decoded."""
+"""Batched generation: length-sorted batches; causal LMs get left padding and only their new tokens decoded,
+encoder-decoder models (BART, T5) right-padded sources and their whole decoder output."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 def generate_texts(
     model: torch.nn.Module,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[str] | list[list[int]],
     *,
     add_special_tokens: bool,
     max_new_tokens: int,
@@ -19,19 +20,28 @@ def generate_texts(
     do_sample: bool = False,
     temperature: float = 1.0,
     num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    skip_special_tokens: bool = True,
     progress: Any = None,
 ) -> list[str]:
-    """Continue each prompt; returns the decoded new text per prompt, in the prompts' order.
+    """Continue each prompt (text, or token ids already truncated); returns the decoded new text per prompt, in
+    the prompts' order.
 
-    Prompts are sorted by length so each batch pads little; padding is on the left so every row's last
-    position is its real last token (what generation continues from).
+    Prompts are sorted by length so each batch pads little; a causal LM's padding is on the left so every row's
+    last position is its real last token (what generation continues from). An encoder-decoder model reads the
+    prompt with its encoder and generates from its decoder start, so its output is all new.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    encoded = [
+        list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
+        for p in prompts
+    ]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     eos_ids = _stop_ids(model, tokenizer)
@@ -44,15 +54,17 @@ def generate_texts(
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 num_beams=num_beams,
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
                 temperature=temperature if do_sample else None,
                 top_p=None,
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos_ids,
             )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            new_tokens = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1] :]
             for row, tokens in zip(rows, new_tokens, strict=True):
-                outputs[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                outputs[row] = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens).strip()
             if progress is not None:
                 progress(len(rows))
     finally:

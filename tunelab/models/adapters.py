@@ -19,8 +19,16 @@ def is_peft(kind: str) -> bool:
     return kind in PEFT_KINDS
 
 
-def apply_method(model: torch.nn.Module, method: MethodConfig, gradient_checkpointing: bool) -> torch.nn.Module:
-    """Make only the method's parameters trainable and return the model to train (a PeftModel for adapters)."""
+def apply_method(
+    model: torch.nn.Module,
+    method: MethodConfig,
+    gradient_checkpointing: bool,
+    trainable_token_indices: list[int] | None = None,
+) -> torch.nn.Module:
+    """Make only the method's parameters trainable and return the model to train (a PeftModel for adapters).
+
+    `trainable_token_indices`: embedding rows trained beside a LoRA / QLoRA / DoRA adapter and saved with it (rows
+    of tokens added to the tokenizer); peft keeps a tied output head in step."""
     if method.kind == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -45,31 +53,35 @@ def apply_method(model: torch.nn.Module, method: MethodConfig, gradient_checkpoi
         return _freeze_all_but_last(model, method.freeze_keep_last)
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(model, method))
+    return get_peft_model(model, peft_config(model, method, trainable_token_indices))
 
 
-def peft_config(model: torch.nn.Module, method: MethodConfig) -> Any:
-    """The peft config for the method; `target: all-linear` resolves per architecture inside peft."""
+def peft_config(model: torch.nn.Module, method: MethodConfig, trainable_token_indices: list[int] | None = None) -> Any:
+    """The peft config for the method; `target: all-linear` resolves per architecture inside peft. The task type
+    follows the model: SEQ_2_SEQ_LM for encoder-decoders (BART, T5), CAUSAL_LM otherwise."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     target = method.target
+    task_type = TaskType.SEQ_2_SEQ_LM if getattr(model.config, "is_encoder_decoder", False) else TaskType.CAUSAL_LM
     if method.kind in ("lora", "qlora", "dora"):
+        extra = {"trainable_token_indices": list(trainable_token_indices)} if trainable_token_indices else {}
         return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
+            task_type=task_type,
             r=method.r,
             lora_alpha=method.alpha,
             lora_dropout=method.dropout,
             target_modules=_targets(model, target),
             use_dora=method.kind == "dora",
             bias="none",
+            **extra,
         )
     if method.kind == "ia3":
         modules = _targets(model, target)
         feedforward = _feedforward_names(model, modules)
-        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=modules, feedforward_modules=feedforward)
+        return IA3Config(task_type=task_type, target_modules=modules, feedforward_modules=feedforward)
     if method.kind == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens)
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens)
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens)
+    return PromptTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens)
 
 
 def _targets(model: torch.nn.Module, target: str | list[str]) -> str | list[str]:

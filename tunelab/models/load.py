@@ -159,9 +159,35 @@ def quantization_config(config: ModelConfig, method_kind: str, dtype: torch.dtyp
     )
 
 
+def model_architecture(config: ModelConfig) -> tuple[str, str]:
+    """('seq2seq' or 'causal', model_type) of a model, read from its config.json alone (no weights loaded):
+    encoder-decoders (BART, T5, mT5) are seq2seq, everything else causal."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(config.name)
+    check_model_source(path)
+    try:
+        model_config = AutoConfig.from_pretrained(
+            path, trust_remote_code=config.trust_remote_code, revision=config.revision
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"Could not read the model config of '{config.name}': {str(error).strip().rstrip('.')}. Use a folder "
+            "that holds config.json, a reachable hub id, or the embedded 'smollm2-135m-instruct'."
+        ) from None
+    kind = "seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "causal"
+    return kind, str(getattr(model_config, "model_type", "unknown"))
+
+
 def load_causal_lm(config: ModelConfig, method_kind: str, device: torch.device) -> torch.nn.Module:
     """AutoModelForCausalLM with dtype, attention and quantization resolved for `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return load_lm(config, method_kind, device, "causal")
+
+
+def load_lm(config: ModelConfig, method_kind: str, device: torch.device, kind: str = "causal") -> torch.nn.Module:
+    """AutoModelForCausalLM (kind causal) or AutoModelForSeq2SeqLM (kind seq2seq) with dtype, attention and
+    quantization resolved for `device`; a model of the other kind is a UserError naming what the folder holds."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model_path(config.name)
     check_model_source(path)
@@ -178,19 +204,27 @@ def load_causal_lm(config: ModelConfig, method_kind: str, device: torch.device) 
         kwargs["quantization_config"] = quant
     if device.type == "cuda":  # load straight onto the GPU: no CPU copy, and the optimizer sees CUDA tensors (fused)
         kwargs["device_map"] = {"": device.index or 0}
+    what = "causal LM" if kind == "causal" else "seq2seq model"
     try:
         model_config = AutoConfig.from_pretrained(
             path, trust_remote_code=config.trust_remote_code, revision=config.revision
         )
-        if getattr(model_config, "is_encoder_decoder", False):
+        encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+        if kind == "causal" and encoder_decoder:
             raise UserError(
-                f"'{config.name}' is an encoder-decoder model ({model_config.model_type}); task sft needs "
+                f"'{config.name}' is an encoder-decoder model ({model_config.model_type}); this task needs "
                 "a decoder-only (causal LM) model."
             )
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if kind == "seq2seq" and not encoder_decoder:
+            raise UserError(
+                f"'{config.name}' is a decoder-only model ({model_config.model_type}); a seq2seq run needs an "
+                "encoder-decoder model (BART, T5, mT5)."
+            )
+        auto_class = AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM
+        model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise UserError(
-            f"Could not load a causal LM from '{config.name}': {str(error).strip().rstrip('.')}. Use a folder "
+            f"Could not load a {what} from '{config.name}': {str(error).strip().rstrip('.')}. Use a folder "
             "that holds the weights, a reachable hub id, or the embedded 'smollm2-135m-instruct'."
         ) from None
     return model
