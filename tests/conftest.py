@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# isort: off
+import tunelab  # noqa: F401 - first: its torchvision import hook (tunelab._compat) precedes transformers
+
+# isort: on
 from collections.abc import Callable
 from pathlib import Path
 

@@ -60,7 +60,11 @@ def _task_module(task: str):  # noqa: ANN202 - a module
         from tunelab.tasks import summarize
 
         return summarize
-    raise UserError(f"task '{task}' is not available in this version. Available: sft, summarize.")
+    if task == "image_cls":
+        from tunelab.tasks import image_cls
+
+        return image_cls
+    raise UserError(f"task '{task}' is not available in this version. Available: sft, summarize, image_cls.")
 
 
 @app.command()
@@ -115,7 +119,7 @@ def eval_(
 ) -> None:
     """Score a run's best weights; prints JSON."""
     task = _run_task(run)
-    _check_paths(data=data)
+    _check_paths(data=data if task != "image_cls" else None)  # image_cls also takes a class-folder tree
     typer.echo(json.dumps(_task_module(task).evaluate_run(run, data), indent=2))
 
 
@@ -127,7 +131,7 @@ def predict(
 ) -> None:
     """Write predictions for every row of --data."""
     task = _run_task(run)
-    _check_paths(data=data, out_file=out)
+    _check_paths(data=data if task != "image_cls" else None, out_file=out)  # image_cls: a folder of images too
     typer.echo(str(_task_module(task).predict_run(run, data, out)))
 
 
@@ -136,11 +140,20 @@ def export(
     run: Path = typer.Argument(..., help="Run folder."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
     merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base weights."),
+    int8: bool = typer.Option(
+        False, "--int8", help="image_cls: also an INT8 CPU model, with its accuracy drop and speedup vs fp32."
+    ),
 ) -> None:
-    """Adapter or merged weights in the standard HF / peft layout (safetensors)."""
+    """Adapter or merged weights in the standard HF / peft layout (safetensors); timm's layout for image_cls."""
     task = _run_task(run)
     _check_paths(out_folder=out)
-    typer.echo(str(_task_module(task).export_run(run, out, merge)))
+    if int8 and task != "image_cls":
+        raise UserError(
+            f"--int8 (post-training INT8 quantization for CPU inference) is for image_cls runs; {run} is a "
+            f"{task} run. Export it without --int8 (--merge gives a single model)."
+        )
+    module = _task_module(task)
+    typer.echo(str(module.export_run(run, out, merge, int8=True) if int8 else module.export_run(run, out, merge)))
 
 
 @app.command("inspect")

@@ -64,7 +64,7 @@ class ModelConfig(Section):
     )
     drop_path: float = Field(0.1, ge=0, lt=1, description="image_cls: stochastic depth rate (timm drop_path_rate).")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="image_cls: dropout before the classifier head.")
-    channels_last: bool = Field(True, description="image_cls: NHWC memory layout (faster convolutions on GPUs).")
+    channels_last: bool = Field(True, description="image_cls: NHWC memory layout on CUDA (faster convolutions).")
     compile: bool = Field(False, description="image_cls: torch.compile the model (slow first steps, faster after).")
 
 

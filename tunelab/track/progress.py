@@ -41,6 +41,8 @@ class TrainProgress:
         parts = [f"loss {stats['loss']:.4f}", f"lr {stats['lr']:.2e}"]
         if stats.get("tokens_per_s"):
             parts.append(f"{stats['tokens_per_s']:,.0f} tok/s")
+        if stats.get("samples_per_s"):
+            parts.append(f"{stats['samples_per_s']:,.1f} samples/s")
         if stats.get("mem_gib"):
             parts.append(f"{stats['mem_gib']:.1f} GiB")
         self._progress.update(self._task, completed=step, info=" | ".join(parts))

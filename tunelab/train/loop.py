@@ -40,6 +40,14 @@ class TrainingJob:
     save_weights: Callable[[torch.nn.Module, Path], None]  # loadable weights (adapter or model) into a folder
     units_in: Callable[[dict[str, torch.Tensor]], int]  # tokens or samples, for throughput
     unit: str = "tokens"
+    # Optional: per-example sampling weights; each epoch then draws len(train_data) examples with replacement
+    # (a balanced sampler) from the same seeded generator as the shuffle, so resume stays exact.
+    sample_weights: Sequence[float] | None = None
+    # Optional: called with (model, step) after every optimizer step (e.g. timm's ModelEmaV3 update).
+    after_step: Callable[[torch.nn.Module, int], None] | None = None
+    # Worker processes that read and collate upcoming micro-batches while the model trains (0: in the loop).
+    # train_data may define set_epoch(epoch), called before each epoch's items are read, for per-item seeding.
+    num_workers: int = 0
 
 
 def metric_mode(metric: str, mode: str) -> str:
@@ -53,10 +61,18 @@ def _due(every: int | str, step: int, epoch_end: bool) -> bool:
     return epoch_end if every == "epoch" else step % int(every) == 0
 
 
-def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), so a resumed run sees the same."""
+def epoch_batches(
+    n_examples: int, batch_size: int, seed: int, epoch: int, weights: Sequence[float] | None = None
+) -> list[list[int]]:
+    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), so a resumed run sees the same.
+
+    With `weights`, n_examples indices drawn with replacement in proportion to them (a weighted sampler)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_examples, generator=generator).tolist()
+    if weights is None:
+        order = torch.randperm(n_examples, generator=generator).tolist()
+    else:
+        probabilities = torch.as_tensor(weights, dtype=torch.float64)
+        order = torch.multinomial(probabilities, n_examples, replacement=True, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
@@ -146,6 +162,7 @@ class Loop:
         self.last_eval: dict[str, float] = {}
         self.stopped_early = False
         self._batches: tuple[int, list[list[int]]] = (-1, [])
+        self._loader: Any = None  # this epoch's background batch iterator when job.num_workers > 0
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -167,9 +184,38 @@ class Loop:
         """This epoch's micro-batches (computed once per epoch)."""
         epoch = self.state["epoch"]
         if self._batches[0] != epoch:
-            batches = epoch_batches(len(self.job.train_data), self.train.batch_size, self.train.seed, epoch)
-            self._batches = (epoch, batches)
+            data = self.job.train_data
+            batches = epoch_batches(len(data), self.train.batch_size, self.train.seed, epoch, self.job.sample_weights)
+            self._batches, self._loader = (epoch, batches), None
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(epoch)
         return self._batches[1]
+
+    def micro_batches(self, mine: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        """Collated micro-batches for this process's share of the window; read ahead by workers when the job
+        has them (a DataLoader over the rest of this epoch's planned batches, in the same order)."""
+        if not self.job.num_workers:
+            return [self.job.collate([self.job.train_data[i] for i in batch]) for batch in mine]
+        if self._loader is None:
+            batches, rank = self._batches[1], self.accelerator.process_index
+            planned = [
+                batch
+                for start in range(self.state["batch"], len(batches), self.window_size)
+                for batch in batches[start : start + self.window_size][rank :: self.world]
+            ]
+            self._loader = iter(
+                torch.utils.data.DataLoader(
+                    self.job.train_data,
+                    batch_sampler=planned,
+                    collate_fn=self.job.collate,
+                    num_workers=self.job.num_workers,
+                    pin_memory=self.accelerator.device.type == "cuda",
+                    prefetch_factor=4,
+                    # the workers' base seed comes from here, not from the global stream that the run draws from
+                    generator=torch.Generator().manual_seed(self.train.seed * 1_000_003 + self.state["epoch"]),
+                )
+            )
+        return [next(self._loader) for _ in mine]
 
     def run(self) -> None:
         """Optimizer steps until the end, evaluating and saving when due."""
@@ -183,7 +229,7 @@ class Loop:
             batches = self.epoch_batches()
             window = batches[self.state["batch"] : self.state["batch"] + self.window_size]
             mine = window[self.accelerator.process_index :: self.world]
-            micro = [self.job.collate([self.job.train_data[i] for i in batch]) for batch in mine]
+            micro = self.micro_batches(mine)
             units += sum(self.job.units_in(batch) for batch in micro)
             loss_total, targets = accumulate_window(self.job, self.model, micro, self.accelerator)
             grad_norm, lr = self.optimizer_step()
@@ -222,6 +268,8 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.unwrapped)
+        if self.job.after_step is not None:
+            self.job.after_step(self.unwrapped, self.state["step"] + 1)
         return grad_norm, lr
 
     def epoch_progress(self) -> float:
@@ -245,7 +293,7 @@ class Loop:
             "mem_gib": _memory_gib(self.accelerator.device),
         }
         self.log.write(record)
-        self.progress.update(self.state["step"], {**record, "tokens_per_s": rate})
+        self.progress.update(self.state["step"], record)
 
     def weights_for_eval(self) -> Any:
         """Context in which the model holds the weights to evaluate and keep (EMA when enabled)."""

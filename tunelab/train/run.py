@@ -68,16 +68,7 @@ def preflight(config: RunConfig, resume: bool) -> None:
     from tunelab.models.load import check_quantization
 
     configure_cuda_allocator()
-    run_dir = Path(config.output.dir)
-    if not resume and not config.output.overwrite and any((run_dir / m).exists() for m in RUN_MARKERS):
-        raise UserError(
-            f"Output folder {run_dir} already holds a run. Continue it with --resume, choose another "
-            "output.dir, or replace it with output.overwrite=true."
-        )
-    if resume and not any((run_dir / m).exists() for m in RUN_MARKERS):  # prepare_run_dir says it too, but late
-        raise UserError(f"--resume: {run_dir} holds no run to continue. Drop --resume to start a new run.")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir {run_dir} is a file, not a folder. Choose another output.dir.")
+    check_run_folder(config, resume)
     if not config.data.train:
         raise UserError("data.train is not set. Point it at a CSV, JSONL or Parquet file.")
     require_file(config.data.train, "data.train")
@@ -105,6 +96,20 @@ def check_writable_folder(folder: Path, key: str) -> None:
         raise UserError(f"{key} {folder} {where}, not a folder. Choose another {key}.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{key} {folder}: no permission to write in {existing}. Choose another {key}.")
+
+
+def check_run_folder(config: RunConfig, resume: bool) -> None:
+    """Refuse an output.dir that holds another run (unless overwriting), a --resume without a run, or a file."""
+    run_dir = Path(config.output.dir)
+    if not resume and not config.output.overwrite and any((run_dir / m).exists() for m in RUN_MARKERS):
+        raise UserError(
+            f"Output folder {run_dir} already holds a run. Continue it with --resume, choose another "
+            "output.dir, or replace it with output.overwrite=true."
+        )
+    if resume and not any((run_dir / m).exists() for m in RUN_MARKERS):  # prepare_run_dir says it too, but late
+        raise UserError(f"--resume: {run_dir} holds no run to continue. Drop --resume to start a new run.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir {run_dir} is a file, not a folder. Choose another output.dir.")
 
 
 def open_run(config: RunConfig, resume: bool, accelerator: Any) -> tuple[Path, Path | None, Any]:
