@@ -183,15 +183,14 @@ def test_seq2seq_generation_decodes_the_decoder_output() -> None:
 def test_speaker_tags_are_trained_saved_and_reloaded(tmp_path: Path) -> None:
     tokenizer = make_tokenizer("chatml")
     before = len(tokenizer)
-    ids = summarize.register_special_tokens(tokenizer, TAGS)
-    assert (
-        ids == list(range(before, before + 3))
-        and len(tokenizer("#Person2#:", add_special_tokens=False)["input_ids"]) == 2
-    )
+    pieces = tokenizer("#Person2#", add_special_tokens=False)["input_ids"]
+    ids, new_rows = summarize.register_special_tokens(tokenizer, TAGS)
+    assert ids == list(range(before, before + 3)) and new_rows[ids[1]] == pieces and len(pieces) > 1
+    assert len(tokenizer("#Person2#:", add_special_tokens=False)["input_ids"]) == 2  # the tag is one token now
     base = make_tiny_llama(make_tokenizer("chatml"))
-    summarize.resize_embeddings(base, len(tokenizer))
+    summarize.resize_embeddings(base, len(tokenizer), new_rows)
     weight = base.get_input_embeddings().weight
-    assert weight.shape[0] == before + 3 and torch.allclose(weight[before], weight[:before].mean(0))
+    assert weight.shape[0] == before + 3 and torch.allclose(weight[ids[1]], weight[pieces].mean(0))
     reference = copy.deepcopy(base)
     cfg = config()
     from tunelab.models import adapters

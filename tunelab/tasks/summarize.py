@@ -71,12 +71,17 @@ def check_settings(config: RunConfig, kind: str) -> None:
         sft._warn("data.instructions apply to decoder models; this seq2seq model reads the dialogue alone.")
 
 
-def register_special_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
-    """Add `tokens` as special tokens (never split; kept when decoding here) and return their ids. The keyword
-    changed in transformers 5 (extra_special_tokens) from 4.x (additional_special_tokens)."""
+def register_special_tokens(tokenizer: Any, tokens: list[str]) -> tuple[list[int], dict[int, list[int]]]:
+    """Add `tokens` as special tokens (never split; kept when decoding here). Returns their ids, and for the ones
+    new to the vocabulary the ids of the pieces the tokenizer split them into before (their embedding starts as the
+    mean of those pieces). The keyword changed in transformers 5 (extra_special_tokens) from 4.x
+    (additional_special_tokens)."""
     if not tokens:
-        return []
+        return [], {}
     import inspect
+
+    known = len(tokenizer)
+    pieces = {token: tokenizer(token, add_special_tokens=False)["input_ids"] for token in tokens}
 
     params = inspect.signature(tokenizer.add_special_tokens).parameters
     if "replace_extra_special_tokens" in params:
@@ -85,37 +90,43 @@ def register_special_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
         tokenizer.add_special_tokens(
             {"additional_special_tokens": list(tokens)}, replace_additional_special_tokens=False
         )
-    return [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]
+    return ids, {i: list(pieces[t]) for t, i in zip(tokens, ids, strict=True) if i >= known and pieces[t]}
 
 
-def resize_embeddings(model: torch.nn.Module, size: int) -> None:
-    """Grow the embedding (and an untied head) to `size` rows; new rows start at the mean of the old ones.
+def resize_embeddings(model: torch.nn.Module, size: int, new_rows: dict[int, list[int]] | None = None) -> None:
+    """Grow the embedding (and an untied head) to `size` rows: rows added start at the mean of the old ones, and
+    the rows of registered tokens (`new_rows`: id -> piece ids) at the mean of their pieces' rows.
 
-    Set here rather than by transformers' mean_resizing, which samples around the mean: loading a trained run
-    must rebuild exactly the same base rows, and a deterministic mean does."""
-    embedding = model.get_input_embeddings()
-    old = embedding.weight.shape[0]
-    if size <= old:
-        return
-    model.resize_token_embeddings(size, mean_resizing=False)
+    A registered tag then starts where its spelling was ("#Person1#" ~ "#", "Person", "1", "#"), so a short LoRA
+    run learns to write it: from the mean of all rows, 24 CPU steps left SmolLM2 unable to emit the tags at all
+    (the demo's first outputs). Set here rather than by transformers' mean_resizing, which samples around the
+    mean: loading a trained run must rebuild exactly the same base rows."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if size > old:
+        model.resize_token_embeddings(size, mean_resizing=False)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     with torch.no_grad():
         for weight in {id(m.weight): m.weight for m in layers if m is not None}.values():
-            weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
+            if size > old:
+                weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
+            for row, pieces in (new_rows or {}).items():
+                weight[row] = weight[pieces].float().mean(0).to(weight.dtype)
 
 
-def build_model(config: RunConfig, device: torch.device, tokenizer: Any, kind: str, new_ids: list[int]) -> Any:
-    """The base model of `kind`, embeddings grown for the registered tokens, with the configured method applied;
-    the registered tokens' rows are trained beside a LoRA adapter."""
+def build_model(config: RunConfig, device: torch.device, tokenizer: Any, kind: str, tags: tuple) -> Any:
+    """The base model of `kind`, embeddings grown for the registered tokens (`tags`: their ids and new rows),
+    with the configured method applied; the registered tokens' rows are trained beside a LoRA adapter."""
+    new_ids, new_rows = tags
     model = load_lm(config.model, config.method.kind, device, kind)
-    resize_embeddings(model, len(tokenizer))
+    resize_embeddings(model, len(tokenizer), new_rows)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False  # useless in training, and it conflicts with checkpointing
     lora = config.method.kind in ("lora", "qlora", "dora")
     if new_ids and not lora and config.method.kind != "full":
         sft._warn(
             f"method.kind {config.method.kind} does not train embedding rows: the {len(new_ids)} registered tokens "
-            "keep their initial (mean) embedding. Use lora or full to train them."
+            "keep their initial embedding (the mean of their pieces). Use lora or full to train them."
         )
     checkpointing = use_gradient_checkpointing(config.model, device)
     return adapters.apply_method(model, config.method, checkpointing, new_ids if lora else None)
@@ -308,8 +319,8 @@ def prepare_data(config: RunConfig, tokenizer: Any, kind: str) -> dict[str, Any]
     }
 
 
-def prepare_tokenizer(config: RunConfig) -> tuple[Any, list[int]]:
-    """The tokenizer with data.special_tokens registered, and their ids."""
+def prepare_tokenizer(config: RunConfig) -> tuple[Any, tuple[list[int], dict[int, list[int]]]]:
+    """The tokenizer with data.special_tokens registered, and their ids and new rows (register_special_tokens)."""
     tokenizer = load_tokenizer(config.model)
     return tokenizer, register_special_tokens(tokenizer, config.data.special_tokens)
 
@@ -332,9 +343,9 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     accelerator = make_accelerator(dtype)
     device = accelerator.device
     set_seed(config.train.seed)
-    tokenizer, new_ids = prepare_tokenizer(config)
+    tokenizer, tags = prepare_tokenizer(config)
     parts = {"kind": kind, "tokenizer": tokenizer, **prepare_data(config, tokenizer, kind)}
-    parts["model"] = model = build_model(config, device, tokenizer, kind, new_ids)
+    parts["model"] = model = build_model(config, device, tokenizer, kind, tags)
     trainable, total = adapters.trainable_summary(model)
     console.print(
         f"model {config.model.name} ({kind}): {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable, "
@@ -404,7 +415,8 @@ def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, An
         from peft import PeftModel
 
         base = load_lm(config.model, "lora" if merge else config.method.kind, device, kind)
-        resize_embeddings(base, len(tokenizer))
+        _, (_, new_rows) = prepare_tokenizer(config)  # the same initial rows as in training
+        resize_embeddings(base, len(tokenizer), new_rows)
         model = PeftModel.from_pretrained(base, best)
         if merge:
             if config.method.kind in ("prefix", "prompt"):

@@ -24,7 +24,7 @@ def run_summarize_demo(out: Path, overrides: list[str]) -> Path:
     started = time.time()
     console = Console(stderr=True)
     config = load_config(recipe_path("summarize-demo"), [f"output.dir={out}", *overrides])
-    files = write_demo_summarize_data(cache_root(config.data.cache_dir) / "demo" / "summarize", 240, 16, 6)
+    files = write_demo_summarize_data(cache_root(config.data.cache_dir) / "demo" / "summarize", 240, 16, 4)
     config.data.train, config.data.valid, config.data.test = (str(files[k]) for k in ("train", "valid", "test"))
     console.print(
         f"[bold]tunelab demo summarize[/]: LoRA on {config.model.name}, generated dialogues (English + Korean) -> {out}"
