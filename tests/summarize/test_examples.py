@@ -234,3 +234,19 @@ def test_instructions_are_sampled_per_example_with_a_seed() -> None:
     cfg.train.seed = 7
     assert [sd.instruction_for(cfg, i) for i in range(30)] != draws
     assert sd.instruction_for(config(), 3) == sd.DEFAULT_INSTRUCTION
+
+
+def test_several_references_from_columns_or_a_jsonl_list(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "multi.jsonl"
+    lines = [{"id": "a", "dialogue": "#Person1#: Hi.", "summary": ["One greets.", "A greeting."]}]
+    lines.append({"id": "b", "dialogue": "#Person1#: Bye.", "summary": "One leaves."})
+    path.write_text("\n".join(json.dumps(line) for line in lines), encoding="utf-8")
+    rows = sd.read_dialogues(str(path), config())
+    assert rows[0]["summaries"] == ["One greets.", "A greeting."] and rows[1]["summaries"] == ["One leaves."]
+    csv_path = tmp_path / "multi.csv"
+    csv_path.write_text("id,dialogue,summary1,summary2\nx,hello there,a greeting,hello said\n", encoding="utf-8")
+    cfg = config()
+    cfg.data.columns.summary = ["summary1", "summary2"]
+    assert sd.read_dialogues(str(csv_path), cfg)[0]["summaries"] == ["a greeting", "hello said"]
