@@ -26,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
+import tunelab  # noqa: F401 - before timm: tunelab._compat makes torchvision importable on CPU torch builds
+
 WRAPPER = (
     "import atexit, runpy, sys, torch\n"
+    "import tunelab  # its torchvision hook: a no-op where torchvision's extension loads\n"
     "script = sys.argv[1]; sys.argv = [script] + sys.argv[2:]\n"
     "atexit.register(lambda: print('PEAK_MEM_BYTES', torch.cuda.max_memory_allocated(), flush=True))\n"
     "runpy.run_path(script, run_name='__main__')\n"
@@ -200,7 +203,7 @@ def run_timm(root: Path, args: argparse.Namespace, train_py: Path) -> dict[str, 
         "--log-interval", str(args.log_every), "--output", "/tmp/bench_timm", "--experiment", "bench",
         "--val-split", "validation", "--no-prefetcher" if args.timm_no_prefetcher else "--pin-mem",
     ]  # fmt: skip
-    command = [sys.executable, "-u", "-c", WRAPPER, str(train_py), *flags]
+    command = [sys.executable, "-u", "-c", WRAPPER, str(train_py), *flags, *args.timm_extra.split()]
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stamps: list[tuple[int, int, float]] = []
@@ -264,6 +267,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--timm-no-prefetcher", action="store_true")
+    parser.add_argument("--timm-extra", default="", help="more train.py flags, e.g. '--device cpu' for a smoke test")
     parser.add_argument("--only", default="loader,tunelab,resident,timm")
     args = parser.parse_args()
     import timm
@@ -275,7 +279,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm_version": timm.__version__,  # not "timm": that key holds timm's run
         "images": {"train": per_class * args.classes, "valid": 4 * args.classes, "generate_s": time.time() - started},
         "args": {k: str(v) for k, v in vars(args).items()},
     }

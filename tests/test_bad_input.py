@@ -38,11 +38,11 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> Path
 
 
 def write_config(folder: Path, model_dir: Path, name: str = "run", **sections: dict) -> Path:
-    """A tiny run config (2 steps, max_length 64, batch 4) at folder/NAME.yaml writing into folder/NAME."""
+    """A tiny run config (2 steps, max_length 128, batch 4) at folder/NAME.yaml writing into folder/NAME."""
     config: dict = {
         "model": {"name": str(model_dir)},
-        # max_truncated 1: at max_length 64 most examples are cut, which is fine for these tests
-        "data": {"train": "chat.jsonl", "max_length": 64, "max_truncated": 1.0},
+        # max_truncated 1: a few examples are longer than 128 tokens, and truncation is not what is tested here
+        "data": {"train": "chat.jsonl", "max_length": 128, "max_truncated": 1.0},
         "train": {"max_steps": 2, "batch_size": 4, "grad_accum": 1},
         "eval": {"samples": 0},
         "output": {"dir": str(folder / name)},
@@ -194,6 +194,49 @@ def test_conversation_without_an_assistant_turn(ws: Path, model_dir: Path, capsy
     train_fails(capsys, config, "noturn.jsonl", "row 2", "no assistant turn", "role 'assistant'")
 
 
+def test_message_without_content_or_with_an_image(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    text_key = {"messages": [{"role": "user", "text": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (ws / "textkey.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(text_key) + "\n")
+    config = write_config(ws, model_dir, data={"train": "textkey.jsonl"})
+    train_fails(capsys, config, "textkey.jsonl", "row 2", "message 1 has no 'content'", "keys found: role, text")
+    image = [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is this?"}]
+    row = {"messages": [{"role": "user", "content": image}, {"role": "assistant", "content": "A cat."}]}
+    (ws / "image.jsonl").write_text(json.dumps(row) + "\n")
+    config = write_config(ws, model_dir, data={"train": "image.jsonl"})
+    train_fails(capsys, config, "image.jsonl", "row 1", "content part of type 'image'", "text only")
+
+
+def test_content_given_as_text_parts_is_read(ws: Path) -> None:
+    """The OpenAI / HF list-of-parts shape is read as its text (not trained on as the repr of a Python list)."""
+    from tunelab.config import load_config
+    from tunelab.tasks.sft import read_conversations
+
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "the sky?"}]
+    row = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Blue."}]}
+    (ws / "parts.jsonl").write_text(json.dumps(row) + "\n")
+    conversations = read_conversations("parts.jsonl", load_config({}))
+    assert conversations[0]["messages"][0] == {"role": "user", "content": "What is\nthe sky?"}
+
+
+def test_chat_format_on_a_file_without_messages(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(ws, model_dir, data={"train": "alpaca.csv", "format": "chat"})
+    train_fails(
+        capsys, config, "alpaca.csv", "no column 'messages'", "Columns found: instruction, input, output",
+        "data.columns.messages",
+    )  # fmt: skip
+
+
+def test_malformed_csv_and_unknown_extension(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    (ws / "ragged.csv").write_text("instruction,input,output\nSay hi,,hi\nSay bye,,bye,extra,fields\n")
+    config = write_config(ws, model_dir, data={"train": "ragged.csv"})
+    text = train_fails(capsys, config, "ragged.csv", "not a well-formed CSV", "line 3", "Check quoting")
+    assert ". ." not in text and ".." not in text  # pandas' trailing newline is not left in the sentence
+    (ws / "data.txt").write_text("Say hi\thi\n")
+    config = write_config(ws, model_dir, data={"train": "data.txt"})
+    train_fails(capsys, config, "data.txt", "unknown extension '.txt'", ".csv", ".jsonl", ".parquet")
+
+
 # ----------------------------------------------------------------------------------------------- config
 
 
@@ -232,6 +275,24 @@ def test_override_without_equals(ws: Path, model_dir: Path, capsys: pytest.Captu
     train_fails(capsys, config, "train.lr", "key.sub=value", overrides=("train.lr",))
 
 
+def test_config_path_that_is_a_folder(ws: Path, capsys: pytest.CaptureFixture) -> None:
+    (ws / "somerun").mkdir()
+    code, text = cli(capsys, "train", ws / "somerun")
+    assert_user_error(code, text, "somerun is a folder", "config.yaml")
+
+
+def test_command_line_usage_errors(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Parser errors (typer raises its own copy of click's exceptions) exit 2 with click's usage message."""
+    config = write_config(ws, model_dir)
+    code, text = cli(capsys, "trian", config)
+    assert_user_error(code, text, "No such command 'trian'", "Did you mean 'train'?", "--help")
+    code, text = cli(capsys, "train")
+    assert_user_error(code, text, "Missing argument 'config'", "Usage:")
+    code, text = cli(capsys, "train", config, "--gpu", "2")
+    assert_user_error(code, text, "No such option: --gpu", "--gpus")
+    assert not (ws / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -246,6 +307,12 @@ def test_model_folder_without_a_model(ws: Path, model_dir: Path, capsys: pytest.
     train_fails(capsys, config, "empty-model", "no config.json", "model.name")
 
 
+def test_model_name_that_is_a_file(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    weights = model_dir / "model.safetensors"  # the weights file instead of the folder that holds it
+    config = write_config(ws, model_dir, model={"name": str(weights)})
+    train_fails(capsys, config, f"model.name {weights} is a file", "model's folder", str(model_dir))
+
+
 @pytest.mark.parametrize("override", ["method.kind=qlora", "model.quantize=nf4"])
 def test_quantized_training_without_cuda(
     ws: Path, model_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, override: str
@@ -255,6 +322,32 @@ def test_quantized_training_without_cuda(
 
 
 # ----------------------------------------------------------------------------------------------- run folders
+
+
+def test_resume_on_a_folder_without_a_run(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    (ws / "run").mkdir()
+    (ws / "run" / "notes.txt").write_text("mine")  # a folder the user made, holding something else
+    before = snapshot(ws / "run")
+    code, text = cli(capsys, "train", write_config(ws, model_dir), "--resume")
+    assert_user_error(code, text, str(ws / "run"), "holds no run to continue", "Drop --resume")
+    assert snapshot(ws / "run") == before and [p.name for p in (ws / "run").iterdir()] == ["notes.txt"]
+    (ws / "run" / "config.yaml").write_text("{}")  # a run that was stopped before its first checkpoint
+    (ws / "run" / "metrics.jsonl").write_text("")
+    before = snapshot(ws / "run")
+    code, text = cli(capsys, "train", write_config(ws, model_dir), "--resume")
+    assert_user_error(code, text, "has no complete checkpoint yet", "output.overwrite=true")
+    assert snapshot(ws / "run") == before
+
+
+def test_output_dir_that_is_or_is_below_a_file(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    (ws / "taken").write_text("a file")
+    config = write_config(ws, model_dir, output={"dir": str(ws / "taken")})
+    code, text = cli(capsys, "train", config)
+    assert_user_error(code, text, f"output.dir {ws / 'taken'} is a file, not a folder", "Choose another output.dir")
+    config = write_config(ws, model_dir, output={"dir": str(ws / "taken" / "run")})
+    code, text = cli(capsys, "train", config)
+    assert_user_error(code, text, "cannot be made", f"{ws / 'taken'} is a file", "Choose another output.dir")
+    assert (ws / "taken").read_text() == "a file"
 
 
 def test_output_folder_that_holds_another_run(ws: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -284,10 +377,47 @@ def test_eval_and_predict_on_a_folder_that_is_not_a_run(ws: Path, capsys: pytest
     (ws / "notarun").mkdir()
     code, text = cli(capsys, "eval", ws / "notarun")
     assert_user_error(code, text, "notarun", "not a tunelab run folder", "output.dir")
+    code, text = cli(capsys, "predict", ws / "notarun", "--data", "alpaca.csv", "--out", ws / "preds.csv")
+    assert_user_error(code, text, "notarun", "not a tunelab run folder")
     code, text = cli(capsys, "predict", ws / "missing", "--data", "alpaca.csv", "--out", ws / "preds.csv")
     assert_user_error(code, text, "Run folder", "missing", "does not exist", "output.dir")
     assert not (ws / "preds.csv").exists()
     assert list((ws / "notarun").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """One finished tiny run for the eval / predict / export cases (only read by them)."""
+    folder = tmp_path_factory.mktemp("trained")
+    write_chat_data(folder / "chat.jsonl", 24, seed=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNELAB_CACHE", str(folder / "cache"))
+        assert main(["train", str(write_config(folder, model_dir))]) == 0
+    return folder / "run"
+
+
+def test_eval_predict_export_with_bad_paths(ws: Path, trained_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """A missing --data, or an --out that cannot be written, fails before the model is loaded (for predict: not
+    after generating every answer), and the run folder is left as it was."""
+    before = snapshot(trained_run)
+    (ws / "taken").write_text("a file")
+    code, text = cli(capsys, "eval", trained_run, "--data", "nope.csv")
+    assert_user_error(code, text, "--data nope.csv does not exist", str(ws / "nope.csv"))
+    code, text = cli(capsys, "predict", trained_run, "--data", "nope.csv", "--out", "preds.csv")
+    assert_user_error(code, text, "--data nope.csv does not exist")
+    code, text = cli(capsys, "predict", trained_run, "--data", "alpaca.csv", "--out", ws)
+    assert_user_error(code, text, f"--out {ws} is a folder", "predictions.csv")
+    code, text = cli(capsys, "predict", trained_run, "--data", "alpaca.csv", "--out", "taken/preds.csv")
+    assert_user_error(code, text, "--out taken/preds.csv cannot be made", f"{ws / 'taken'} is a file")
+    code, text = cli(capsys, "export", trained_run, "--out", "taken")
+    assert_user_error(code, text, "--out taken is a file, not a folder")
+    (ws / "export").mkdir()
+    (ws / "export" / "keep.txt").write_text("mine")
+    code, text = cli(capsys, "export", trained_run, "--out", "export")
+    assert_user_error(code, text, "export exists and is not empty")
+    assert [p.name for p in (ws / "export").iterdir()] == ["keep.txt"]
+    assert not (ws / "preds.csv").exists() and (ws / "taken").read_text() == "a file"
+    assert snapshot(trained_run) == before
 
 
 def test_init_unknown_recipe(capsys: pytest.CaptureFixture) -> None:

@@ -120,7 +120,8 @@ def _parse_csv(path: Path, sep: str) -> list[dict[str, Any]]:
         frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except pd.errors.ParserError as error:
         raise UserError(
-            f"Data file {path} is not a well-formed CSV: {error}. Check quoting and the column count on that line."
+            f"Data file {path} is not a well-formed CSV: {_reason(error)}. Check quoting and the column count on "
+            "that line."
         ) from None
     except pd.errors.EmptyDataError:
         raise UserError(f"Data file {path} has no columns. Add a header row.") from None
@@ -131,8 +132,13 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         frame = pd.read_parquet(path)
     except Exception as error:  # pyarrow raises several unrelated types for a bad file
-        raise UserError(f"Data file {path} could not be read as Parquet: {error}.") from None
+        raise UserError(f"Data file {path} could not be read as Parquet: {_reason(error)}.") from None
     return [{k: _from_arrow(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def _reason(error: Exception) -> str:
+    """A library's error text as one clause: pandas ends some with a newline, pyarrow some with a period."""
+    return " ".join(str(error).split()).rstrip(".")
 
 
 def _from_arrow(value: Any) -> Any:

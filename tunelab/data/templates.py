@@ -50,9 +50,15 @@ class Rendered:
 
 def detect_format(rows: list[dict[str, Any]], data: DataConfig, path: str) -> str:
     """Pick alpaca or chat from the configured format or the columns present."""
+    columns = rows[0].keys()
+    if data.format == "chat" and data.columns.messages not in columns:
+        raise UserError(
+            f"Data file {path} has no column '{data.columns.messages}' (data.format is chat). Columns found: "
+            f"{', '.join(columns)}. Set data.columns.messages to the column holding the messages, or "
+            "data.format: auto."
+        )
     if data.format != "auto":
         return data.format
-    columns = rows[0].keys()
     if data.columns.messages in columns:
         return "chat"
     if data.columns.instruction in columns or data.columns.output in columns:
@@ -114,8 +120,30 @@ def _message(item: Any, where: str, index: int) -> Message:
             f"{where}: message {number} has {found}. Allowed roles: {', '.join(ROLES)} (also read: "
             f"{', '.join(ROLE_SYNONYMS)}). Fix the role or remove the row."
         )
+    if "content" not in item and "value" not in item:  # the text is under another key: say which keys there are
+        raise UserError(
+            f"{where}: message {number} has no 'content' (keys found: {', '.join(map(str, item))}). Put the "
+            "message text under 'content'."
+        )
     content = item.get("content", item.get("value"))
+    if isinstance(content, list):  # OpenAI / HF multimodal shape: [{"type": "text", "text": ...}, ...]
+        content = _text_parts(content, where, number)
     return {"role": role, "content": _text(content)}
+
+
+def _text_parts(parts: list[Any], where: str, number: int) -> str:
+    """The text of a content list, parts joined by newlines. Any other part (an image, audio) is an error: sft
+    trains on text, and dropping the part silently would train on a question about a picture it never saw."""
+    texts = []
+    for part in parts:
+        kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text", ""), str):
+            raise UserError(
+                f"{where}: message {number} has a content part of type '{kind}'; sft reads text only. Give "
+                'the content as a string, or a list of {"type": "text", "text": ...} parts.'
+            )
+        texts.append(part.get("text", ""))
+    return "\n".join(texts)
 
 
 def _text(value: Any) -> str:

@@ -61,6 +61,11 @@ def check_model_source(name: str) -> None:
             f"Model folder {name} does not exist. Set model.name to an existing folder, a hub id, or "
             "the embedded default 'smollm2-135m-instruct'."
         )
+    if folder.is_file():  # e.g. model.name pointing at model.safetensors or a .gguf instead of its folder
+        raise UserError(
+            f"model.name {name} is a file; it must be the model's folder (config.json, tokenizer files and "
+            f"*.safetensors, as save_pretrained writes them), e.g. {folder.parent}."
+        )
     if not folder.is_dir() or (folder / "config.json").exists():
         return
     if (folder / "adapter_config.json").exists():

@@ -89,7 +89,8 @@ def accumulate_window(
     window_targets = _global_sum(accelerator, sum(job.targets_in(b) for b in micro_batches))
     loss_total = 0.0
     for index, batch in enumerate(micro_batches):
-        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        # non_blocking: a pinned batch (loader workers pin on CUDA) is copied without stalling the host
+        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         sync = index == len(micro_batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
             loss = job.loss_sum(model, batch)
@@ -233,9 +234,6 @@ class Loop:
             units += sum(self.job.units_in(batch) for batch in micro)
             loss_total, targets = accumulate_window(self.job, self.model, micro, self.accelerator)
             grad_norm, lr = self.optimizer_step()
-            if self.accelerator.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - started
             self.state["step"] += 1
             self.state["batch"] += len(window)
             epoch_end = self.state["batch"] >= len(batches)
@@ -243,11 +241,18 @@ class Loop:
                 self.state["epoch"] += 1
                 self.state["batch"] = 0
             step, last = self.state["step"], self.state["step"] >= self.total_steps
-            if step % self.train.log_every == 0 or last:
+            log_now = step % self.train.log_every == 0 or last
+            eval_now = self.job.evaluate is not None and (_due(self.train.eval_every, step, epoch_end) or last)
+            if device.type == "cuda" and (log_now or eval_now or _due(self.train.save_every, step, epoch_end)):
+                # wait for the GPU only where time is read; between those points the next step's batch and
+                # kernels are queued while this step's optimizer and EMA kernels still run
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - started
+            if log_now:
                 loss = _global_sum(self.accelerator, loss_total) / max(targets, 1)
                 self.log_train(loss, lr, grad_norm, _global_sum(self.accelerator, units), seconds)
                 units, seconds = 0, 0.0
-            if self.job.evaluate is not None and (_due(self.train.eval_every, step, epoch_end) or last):
+            if eval_now:
                 self.evaluate(step)
             elif self.job.evaluate is None and last:  # no validation data: the final weights are the best
                 self.save_best()

@@ -85,6 +85,24 @@ def preflight(config: RunConfig, resume: bool) -> None:
             )
 
 
+def check_run_folder(config: RunConfig, resume: bool) -> None:
+    """Refuse an output.dir that holds another run (unless overwriting), a --resume without a run, or a file."""
+    run_dir = Path(config.output.dir)
+    if not resume and not config.output.overwrite and any((run_dir / m).exists() for m in RUN_MARKERS):
+        raise UserError(
+            f"Output folder {run_dir} already holds a run. Continue it with --resume, choose another "
+            "output.dir, or replace it with output.overwrite=true."
+        )
+    if resume and not any((run_dir / m).exists() for m in RUN_MARKERS):  # prepare_run_dir says it too, but late
+        raise UserError(f"--resume: {run_dir} holds no run to continue. Drop --resume to start a new run.")
+    if resume and not ckpt.list_checkpoints(run_dir):  # prepare_run_dir says it too, but after loading the model
+        raise UserError(
+            f"--resume: {run_dir} has no complete checkpoint yet (the run stopped before its first "
+            "save). Start it again with output.overwrite=true."
+        )
+    check_writable_folder(run_dir, "output.dir")
+
+
 def check_writable_folder(folder: Path, key: str) -> None:
     """UserError when `folder` cannot be made or written: it, or a parent, is a file, or the nearest existing
     parent is read-only. Checked up front, since otherwise the failure comes after loading and tokenizing."""
@@ -96,20 +114,6 @@ def check_writable_folder(folder: Path, key: str) -> None:
         raise UserError(f"{key} {folder} {where}, not a folder. Choose another {key}.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{key} {folder}: no permission to write in {existing}. Choose another {key}.")
-
-
-def check_run_folder(config: RunConfig, resume: bool) -> None:
-    """Refuse an output.dir that holds another run (unless overwriting), a --resume without a run, or a file."""
-    run_dir = Path(config.output.dir)
-    if not resume and not config.output.overwrite and any((run_dir / m).exists() for m in RUN_MARKERS):
-        raise UserError(
-            f"Output folder {run_dir} already holds a run. Continue it with --resume, choose another "
-            "output.dir, or replace it with output.overwrite=true."
-        )
-    if resume and not any((run_dir / m).exists() for m in RUN_MARKERS):  # prepare_run_dir says it too, but late
-        raise UserError(f"--resume: {run_dir} holds no run to continue. Drop --resume to start a new run.")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir {run_dir} is a file, not a folder. Choose another output.dir.")
 
 
 def open_run(config: RunConfig, resume: bool, accelerator: Any) -> tuple[Path, Path | None, Any]:
