@@ -145,3 +145,19 @@ def test_no_weight_decay_on_norms_and_biases(tokenizer) -> None:
     assert all(p.ndim == 2 for p in groups[0]["params"])
     assert {names[i] for i in decayed}.isdisjoint({"model.norm.weight", "lm_head.bias"})
     assert {names[id(p)] for p in groups[1]["params"]} >= {"model.norm.weight", "lm_head.bias"}
+
+
+def test_deferred_check_names_the_first_bad_step() -> None:
+    """On CUDA the loop reads losses and norms at log / eval / save points; check_pending finds the first bad one."""
+    from tunelab.train.loop import NonFinite, check_pending
+
+    good = torch.tensor(1.5)
+    check_pending([(1, good, None), (2, good, torch.tensor(0.3))])  # nothing raised
+    pending = [
+        (4, good, torch.tensor(0.3)),
+        (5, good, torch.tensor(float("inf"))),
+        (6, torch.tensor(float("nan")), None),
+    ]
+    with pytest.raises(NonFinite) as caught:
+        check_pending(pending)
+    assert (caught.value.what, caught.value.step, caught.value.value) == ("gradient norm", 5, float("inf"))
