@@ -181,6 +181,36 @@ def inspect_(
 
 
 @app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.batch_size=8."),
+    gpu: str = typer.Option(None, "--gpu", help="GPU preset: T4, V100-16, V100-32, A10G, L4, RTX3090, RTX4090, "
+                            "A100-40, A100-80, H100, H200."),
+    gpu_mem: float = typer.Option(None, "--gpu-mem", help="Any other GPU: its memory in GiB."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs per run (sharded states with train.distributed)."),
+    apply: bool = typer.Option(False, "--apply", help="Write the config with the recommended changes beside it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Estimate peak GPU memory by part for CONFIG on a GPU, say whether it fits, recommend settings."""
+    import json
+
+    from tunelab.advise.plan import apply_plan, find_gpu, make_plan, print_plan
+    from tunelab.config import load_config
+
+    run_config = load_config(config, overrides or [])
+    the_plan = make_plan(run_config, find_gpu(gpu, gpu_mem), gpus)
+    if as_json:
+        typer.echo(json.dumps(the_plan.to_dict(), indent=2))
+    else:
+        print_plan(the_plan, run_config)
+    if apply:
+        if not the_plan.changes:
+            typer.echo("--apply: nothing to change; the config is written as it is.", err=True)
+        written = apply_plan(config, the_plan)
+        typer.echo(f"patched config written to {written}; train with `tunelab train {written}`", err=True)
+
+
+@app.command()
 def diagnose(
     run: Path = typer.Argument(..., help="Run folder."),
     as_json: bool = typer.Option(False, "--json", help="Print diagnosis.json instead of the ranked text."),

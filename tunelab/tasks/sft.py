@@ -351,13 +351,14 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     from tunelab.errors import RunStopped
     from tunelab.track.progress import TrainProgress, console
     from tunelab.train.loop import train_loop
-    from tunelab.train.run import finish_run, make_accelerator, open_run, preflight
+    from tunelab.train.run import finish_run, make_accelerator, open_run, preflight, warn_if_over_memory
 
     started = time.time()
     preflight(config, resume)
     _, dtype = device_and_dtype(config)
     accelerator = make_accelerator(dtype)
     device = accelerator.device
+    warn_if_over_memory(config, accelerator)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
     train_conv, valid_conv = split_train_valid(config)

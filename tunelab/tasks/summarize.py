@@ -332,7 +332,7 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
 
     from tunelab.track.progress import TrainProgress, console
     from tunelab.train.loop import train_loop
-    from tunelab.train.run import finish_run, make_accelerator, open_run, preflight
+    from tunelab.train.run import finish_run, make_accelerator, open_run, preflight, warn_if_over_memory
 
     started = time.time()
     apply_task_defaults(config)
@@ -342,6 +342,7 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     _, dtype = sft.device_and_dtype(config)
     accelerator = make_accelerator(dtype)
     device = accelerator.device
+    warn_if_over_memory(config, accelerator)
     set_seed(config.train.seed)
     tokenizer, tags = prepare_tokenizer(config)
     parts = {"kind": kind, "tokenizer": tokenizer, **prepare_data(config, tokenizer, kind)}

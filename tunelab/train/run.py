@@ -85,6 +85,20 @@ def preflight(config: RunConfig, resume: bool) -> None:
             )
 
 
+def warn_if_over_memory(config: RunConfig, accelerator: Any) -> None:
+    """On CUDA, print a warning (main process) when `tunelab plan` puts this run over the GPU's memory."""
+    import torch
+
+    device = accelerator.device
+    if device.type != "cuda" or not accelerator.is_main_process:
+        return
+    from tunelab.advise.plan import warn_if_too_big
+    from tunelab.track.progress import console
+
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    warn_if_too_big(config, total_gib, console.print)
+
+
 def check_run_folder(config: RunConfig, resume: bool) -> None:
     """Refuse an output.dir that holds another run (unless overwriting), a --resume without a run, or a file."""
     run_dir = Path(config.output.dir)

@@ -1,0 +1,156 @@
+"""`tunelab plan`: shapes counted from the real module tree, the memory model's parts, GPU presets, the
+recommendation search, --apply, and its bad input. (Accuracy against measured peaks: tests/gpu/test_plan_gpu.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures import make_tiny_llama, make_tokenizer
+
+from tunelab.advise.plan import GPUS, apply_plan, find_gpu, make_plan, settings_for, warn_if_too_big
+from tunelab.advise.plan_memory import NF4_BYTES, estimate
+from tunelab.advise.plan_shapes import model_shape
+from tunelab.cli import main
+from tunelab.config import load_config
+from tunelab.errors import UserError
+from tunelab.models.adapters import apply_method
+
+LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def config_for(name: str, **sections: dict) -> object:
+    base: dict = {"model": {"name": name}, "data": {"train": "x.jsonl", "max_length": 2048}}
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return load_config(base)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_llama(make_tokenizer("llama3")).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_shape_counts_equal_the_real_model_and_peft(tiny_folder: Path) -> None:
+    """Parameters and LoRA adapter sizes come from the meta-device module tree: equal to the real model's."""
+    config = config_for(str(tiny_folder), method={"kind": "lora", "r": 8})
+    shape = model_shape(config)
+    model = make_tiny_llama(make_tokenizer("llama3"))
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    peft_model = apply_method(model, config.method, gradient_checkpointing=False)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert shape.lora_params(8, "all-linear") == trainable
+    assert shape.lora_params(8, ["q_proj", "v_proj"]) < trainable
+
+
+def test_known_shapes_match_published_sizes() -> None:
+    """The offline table builds the published parameter counts (Llama-3.2-1B: 1,235,814,400; 8B: 8,030,261,248)."""
+    assert model_shape(config_for("meta-llama/Llama-3.2-1B")).params == 1_235_814_400
+    shape = model_shape(config_for(LLAMA_8B))
+    assert shape.params == 8_030_261_248
+    assert shape.lora_params(16, "all-linear") == 41_943_040  # what peft reports for r 16 all-linear
+
+
+def test_parts_follow_the_settings() -> None:
+    shape = model_shape(config_for(LLAMA_8B))
+    gpu = GPUS["H100"]
+    lora = settings_for(config_for(LLAMA_8B, train={"batch_size": 2}), gpu)
+    base = estimate(shape, lora)
+    parts = {p.name: p.gib for p in base.parts}
+    assert parts["weights"] == pytest.approx(shape.params * 2 / 2**30)
+    assert parts["trainable states"] == pytest.approx(41_943_040 * 16 / 2**30)
+    assert parts["logits / recompute peak"] == pytest.approx(2 * 2048 * 128256 * 12 / 2**30)
+    qlora = estimate(shape, settings_for(config_for(LLAMA_8B, method={"kind": "qlora"}, train={"batch_size": 2}), gpu))
+    q_weights = {p.name: p.gib for p in qlora.parts}["weights"]
+    non_linear = shape.params - shape.block_linear_params
+    assert q_weights == pytest.approx((shape.block_linear_params * NF4_BYTES + non_linear * 4) / 2**30)
+    no_ckpt = settings_for(config_for(LLAMA_8B, model={"gradient_checkpointing": False}, train={"batch_size": 2}), gpu)
+    assert estimate(shape, no_ckpt).peak_allocated_gib > base.peak_allocated_gib + 10
+    half = settings_for(config_for(LLAMA_8B, train={"batch_size": 1}), gpu)
+    assert estimate(shape, half).peak_allocated_gib < base.peak_allocated_gib
+    fsdp = settings_for(config_for(LLAMA_8B, train={"batch_size": 2}), gpu, gpus=4)
+    fsdp.strategy = "fsdp"
+    sharded = {p.name: p.gib for p in estimate(shape, fsdp).parts}
+    assert sharded["weights"] == pytest.approx(parts["weights"] / 4)
+    assert base.total_gib > base.peak_allocated_gib  # context and slack on top
+
+
+def test_recommendations_make_an_8b_fit_a_t4_and_keep_the_effective_batch() -> None:
+    config = config_for(LLAMA_8B, method={"kind": "lora"}, train={"batch_size": 8, "grad_accum": 2})
+    plan = make_plan(config, find_gpu("t4", None))
+    assert not plan.fits
+    assert plan.changes["method.kind"] == "qlora"
+    batch, accum = plan.changes["train.batch_size"], plan.changes["train.grad_accum"]
+    assert batch * accum == 16 and batch < 8
+    assert plan.recommended is not None and plan.recommended.total_gib <= GPUS["T4"].memory_gib
+
+
+def test_spare_room_grows_the_micro_batch() -> None:
+    config = config_for("meta-llama/Llama-3.2-1B", train={"batch_size": 1, "grad_accum": 16})
+    plan = make_plan(config, find_gpu("H200", None))
+    assert plan.fits
+    assert plan.changes["train.batch_size"] > 1
+    assert plan.changes["train.batch_size"] * plan.changes["train.grad_accum"] == 16
+
+
+def test_gpu_names_and_custom_memory() -> None:
+    assert find_gpu("rtx-4090", None).name == "RTX4090"
+    assert find_gpu("a100", None).name == "A100-80"
+    assert not find_gpu("V100", None).bf16
+    assert find_gpu(None, 48).memory_gib == 48
+    with pytest.raises(UserError, match="Unknown GPU 'h300'.*H100, H200"):
+        find_gpu("h300", None)
+
+
+def test_cli_plan_apply_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "run.yaml"
+    source = {"model": {"name": LLAMA_8B}, "data": {"train": "x.jsonl"}, "train": {"batch_size": 8, "grad_accum": 2}}
+    config.write_text(yaml.safe_dump(source))
+    assert main(["plan", str(config), "--gpu", "T4", "--apply"]) == 0
+    written = tmp_path / "run.t4.yaml"
+    patched = load_config(written)
+    assert patched.method.kind == "qlora" and patched.train.batch_size * patched.train.grad_accum == 16
+    assert yaml.safe_load(config.read_text()) == source  # the user's config is left as it was
+    capsys.readouterr()
+    assert main(["plan", str(config), "--gpu-mem", "48", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is True and data["gpu"]["memory_gib"] == 48
+    assert {p["name"] for p in data["estimate"]["parts"]} >= {"weights", "trainable states", "activations kept"}
+
+
+def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": LLAMA_8B}, "data": {"train": "x.jsonl"}}))
+    assert main(["plan", str(config), "--gpu", "GTX1080"]) == 2
+    assert "Unknown GPU 'GTX1080'" in capsys.readouterr().err
+    assert main(["plan", str(config)]) == 2
+    assert "--gpu NAME or --gpu-mem" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump({"model": {"name": "someone/private-model"}, "data": {"train": "x.jsonl"}}))
+    assert main(["plan", str(unknown), "--gpu", "H100"]) == 2
+    assert "cannot find the architecture of model.name 'someone/private-model' offline" in capsys.readouterr().err
+    cls = tmp_path / "cls.yaml"
+    cls.write_text(yaml.safe_dump({"task": "image_cls", "model": {"name": "resnet18"}, "data": {"train": "x"}}))
+    assert main(["plan", str(cls), "--gpu", "H100"]) == 2
+    assert "no memory model for task 'image_cls'" in capsys.readouterr().err
+
+
+def test_train_warning_when_the_plan_says_it_will_not_fit() -> None:
+    said: list[str] = []
+    warn_if_too_big(config_for(LLAMA_8B), 16.0, said.append)
+    assert said and "more than this GPU's 16.0 GiB" in said[0]
+    said.clear()
+    warn_if_too_big(config_for("meta-llama/Llama-3.2-1B", train={"batch_size": 1}), 80.0, said.append)
+    assert said == []
+
+
+def test_apply_plan_writes_beside_the_config(tmp_path: Path) -> None:
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump({"model": {"name": LLAMA_8B}, "data": {"train": "x.jsonl"}}))
+    plan = make_plan(load_config(config_path), find_gpu("L4", None))
+    path = apply_plan(config_path, plan)
+    assert path.name == "cfg.l4.yaml" and load_config(path).model.name == LLAMA_8B

@@ -1,0 +1,210 @@
+"""The memory model behind `tunelab plan`: peak GPU memory of a training run, part by part.
+
+Every term follows what tunelab's own training does (tasks/sft.py, models/adapters.py, train/loop.py), so the
+estimate is of *this* program, not of fine-tuning in general:
+
+- weights: block linears in NF4 (4 bits + double-quantized absmax: 4.127 bits) or int8 under quantization; every
+  other parameter in the model dtype, or fp32 under QLoRA (peft's prepare_model_for_kbit_training upcasts them);
+- trainable parameters: peft adapters are fp32, each with an fp32 gradient and two fp32 AdamW moments (16 bytes);
+  full / freeze train in the model dtype (weight, gradient, two moments);
+- activations per token per layer, counted from the tensors autograd keeps for a Llama-style block (RMSNorm
+  upcasts, LoRA inputs and dropout masks, rotary q / k, attention q / k / v / output, SwiGLU's three products);
+  with gradient checkpointing only each block's input is kept, plus one block recomputed at a time;
+- logits: the output head's bf16 logits, their fp32 copy, log-softmax and its gradient (12 bytes per token and
+  vocabulary entry at the peak); a chunked loss would keep a chunk of them only;
+- vision: a frozen vision tower runs without a graph (one layer of transients); a trained one keeps its layers;
+- outside what PyTorch allocates: the CUDA context and the caching allocator's slack.
+
+Constants are in bytes; GiB = 2**30 bytes. tests/gpu/test_plan_gpu.py checks the estimate against measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from tunelab.advise.plan_shapes import ModelShape
+
+GIB = 2**30
+NF4_BYTES = 4.127 / 8  # 4-bit codes + one 8-bit absmax per 64 weights + one fp32 constant per 256 absmax
+INT8_BYTES = 1.0 + 4 / 4096  # int8 weights + an fp32 scale per row (rows of about 4k)
+LOGITS_BYTES = 12  # bf16 logits (2) + fp32 log-softmax kept for backward (4) + its gradient in and out (4 + 4) - 2
+CUDA_CONTEXT_GIB = 0.55  # driver, kernels and cuBLAS workspace: outside torch's allocator (H100, CUDA 13)
+SLACK = 0.04  # caching-allocator fragmentation with expandable segments, as a share of the peak
+
+
+@dataclass
+class Settings:
+    """The run settings that set memory (from the config, the GPU and the command line)."""
+
+    task: str
+    method: str  # lora | qlora | dora | full | freeze | prefix | prompt | ia3
+    quantize: str  # none | nf4 | int8
+    dtype_bytes: int  # 2 for bf16 / fp16, 4 for fp32
+    micro_batch: int
+    seq_len: int  # tokens per row (max_length, or prompt + image tokens for a VLM)
+    checkpointing: bool
+    rank: int = 16
+    target: str | list[str] = "all-linear"
+    lora_dropout: bool = True
+    target_len: int = 0  # seq2seq decoder tokens
+    image_size: int = 0
+    train_vision: bool = False
+    freeze_keep_last: int = 2
+    gpus: int = 1
+    strategy: str = "ddp"  # ddp | fsdp | deepspeed-zero2 | deepspeed-zero3
+
+
+@dataclass
+class Part:
+    """One line of the estimate."""
+
+    name: str
+    gib: float
+    note: str
+
+
+@dataclass
+class Estimate:
+    """Peak memory per GPU, by part; `peak_allocated_gib` is comparable to torch.cuda.max_memory_allocated."""
+
+    parts: list[Part] = field(default_factory=list)
+    peak_allocated_gib: float = 0.0
+    total_gib: float = 0.0  # with the CUDA context and allocator slack: what the GPU must hold
+    trainable_params: int = 0
+    chunked_loss_saves_gib: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(shape: ModelShape, s: Settings) -> Estimate:
+    """Peak GPU memory of one training process under settings `s`."""
+    d = s.dtype_bytes
+    peft = s.method in ("lora", "qlora", "dora", "prefix", "prompt", "ia3")
+    quantize = "nf4" if s.method == "qlora" else s.quantize
+    tokens = s.micro_batch * s.seq_len
+
+    quantized = shape.block_linear_params if quantize != "none" else 0
+    other = shape.params - quantized
+    other_bytes = 4 if s.method == "qlora" else d
+    quant_bytes = {"nf4": NF4_BYTES, "int8": INT8_BYTES}.get(quantize, 0.0)
+    weights = quantized * quant_bytes + other * other_bytes
+
+    trainable, states = _trainable(shape, s, peft)
+    sharded = s.gpus if s.strategy in ("fsdp", "deepspeed-zero3") else 1
+    states_shard = s.gpus if s.strategy in ("fsdp", "deepspeed-zero2", "deepspeed-zero3") else 1
+    weights /= sharded
+    states /= states_shard
+
+    resid = 4 if (s.method == "qlora" or d == 4) else d  # QLoRA's fp32 embeddings keep the residual stream fp32
+    layer = _layer_bytes_per_token(shape, s, peft)
+    layers, layer_tokens = shape.layers, tokens
+    if shape.encoder_decoder:  # encoder over the input, decoder (self + cross attention) over the target
+        layer_tokens = s.micro_batch * (s.seq_len + 1.3 * s.target_len)
+        layers = max(1, shape.layers)
+    head_tokens = s.micro_batch * s.target_len if shape.encoder_decoder else tokens
+    logits = head_tokens * shape.vocab * LOGITS_BYTES
+    if other_bytes == 4 and d == 2:  # fp32 output head under autocast: a bf16 copy for the forward and backward
+        logits += shape.vocab * shape.hidden * 2
+    if s.checkpointing:
+        kept = layers * resid * shape.hidden * layer_tokens
+        transient = max(logits, layer * layer_tokens + 3 * resid * shape.hidden * layer_tokens)
+        activation_note = f"block inputs of {layers} layers kept; one block recomputed at a time"
+    else:
+        kept = layers * layer * layer_tokens
+        transient = logits
+        activation_note = f"{layer / shape.hidden:.0f} x hidden bytes per token per layer, {layers} layers"
+    vision = _vision_bytes(shape, s)
+    if sharded > 1:  # FSDP / ZeRO-3 gather one block's weights at a time (and prefetch the next)
+        transient += 2 * (shape.params / max(shape.layers, 1)) * (quant_bytes or d)
+
+    parts = [
+        Part("weights", weights / GIB, _weights_note(quantize, quantized, other, other_bytes, sharded)),
+        Part("trainable states", states / GIB, _states_note(s, peft, trainable, states_shard)),
+        Part("activations kept", kept / GIB, activation_note),
+        Part(
+            "logits / recompute peak",
+            transient / GIB,
+            f"{head_tokens:,} tokens x {shape.vocab:,} vocabulary x {LOGITS_BYTES} bytes at the loss"
+            + (", or one recomputed block, the larger" if s.checkpointing else ""),
+        ),
+    ]
+    if vision:
+        parts.append(Part("vision tower", vision / GIB, _vision_note(shape, s)))
+    peak = sum(p.gib for p in parts)
+    total = peak * (1 + SLACK) + CUDA_CONTEXT_GIB
+    parts.append(Part("allocator slack + CUDA context", total - peak, "outside torch.cuda.max_memory_allocated"))
+    chunk_tokens = 1024  # what a chunked loss would keep of the logits at a time
+    saves = max(0.0, (head_tokens - min(head_tokens, chunk_tokens)) * shape.vocab * LOGITS_BYTES / GIB)
+    return Estimate(parts, round(peak, 3), round(total, 3), trainable, round(saves, 2))
+
+
+def _trainable(shape: ModelShape, s: Settings, peft: bool) -> tuple[int, float]:
+    """(trainable parameters, bytes of their weights if separate + gradients + AdamW moments)."""
+    if s.method in ("lora", "qlora", "dora"):
+        count = shape.lora_params(s.rank, s.target)
+        if s.method == "dora":
+            count += sum(x.out_features for x in shape.linears if x.in_blocks and not x.vision)
+        return count, count * 16.0  # fp32 adapter + fp32 gradient + two fp32 moments
+    if peft:  # prefix / prompt / ia3: small
+        count = max(shape.hidden * 20 * 2 * shape.layers, shape.hidden * shape.layers)
+        return count, count * 16.0
+    if s.method == "freeze":
+        count = int(shape.block_linear_params * min(s.freeze_keep_last, shape.layers) / shape.layers)
+    else:
+        count = shape.params
+    return count, count * 3.0 * s.dtype_bytes  # gradient + two moments in the weights' dtype
+
+
+def _layer_bytes_per_token(shape: ModelShape, s: Settings, peft: bool) -> float:
+    """Bytes autograd keeps per token for one block (Llama-style: attention + gated MLP)."""
+    d = s.dtype_bytes
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * 4 * h  # RMSNorm computes in fp32 and keeps its input
+    attention = d * (2 * q + 2 * kv)  # q, k, v after rotary, and the attention output (flash / sdpa kernels)
+    mlp = 3 * d * i  # gate, silu(gate), up
+    if s.method in ("lora", "qlora", "dora"):
+        per_input = d + (1 if s.lora_dropout else 0)  # each adapter keeps its own (dropped-out) input copy
+        names = None if s.target == "all-linear" else set([s.target] if isinstance(s.target, str) else s.target)
+        block = [x for x in shape.linears if x.in_blocks and not x.vision]
+        per_layer = [x for x in block if names is None or x.name.rsplit(".", 1)[-1] in names]
+        inputs = per_input * sum(x.in_features for x in per_layer) / max(shape.layers, 1)
+        if s.method == "dora":
+            inputs *= 2  # DoRA also keeps the base output for its magnitude rescaling
+    elif peft:
+        inputs = 0.0
+    else:  # full / freeze: each distinct linear input is kept for the weight gradients
+        inputs = d * (h + q + h + i)
+    return norms + attention + mlp + inputs
+
+
+def _vision_bytes(shape: ModelShape, s: Settings) -> float:
+    if not shape.vision or not s.image_size:
+        return 0.0
+    v = shape.vision
+    patches = s.micro_batch * (s.image_size // v["patch"]) ** 2
+    per_token_layer = s.dtype_bytes * (6 * v["hidden"] + 3 * v["intermediate"]) + 8 * v["hidden"]
+    if s.train_vision:
+        return patches * per_token_layer * v["layers"]
+    return patches * per_token_layer  # no graph: one layer's tensors at a time
+
+
+def _vision_note(shape: ModelShape, s: Settings) -> str:
+    v = shape.vision or {}
+    per_image = (s.image_size // v.get("patch", 14)) ** 2
+    how = "trained: every layer kept" if s.train_vision else "frozen: one layer at a time, no graph"
+    return f"{per_image:,} patches per {s.image_size} px image, {how}"
+
+
+def _weights_note(quantize: str, quantized: int, other: int, other_bytes: int, sharded: int) -> str:
+    what = f"{quantized / 1e9:.2f}B block-linear params in {quantize.upper()}, " if quantized else ""
+    share = f"; sharded over {sharded} GPUs" if sharded > 1 else ""
+    return f"{what}{other / 1e9:.2f}B params at {other_bytes} bytes{share}"
+
+
+def _states_note(s: Settings, peft: bool, trainable: int, shards: int) -> str:
+    share = f"; sharded over {shards} GPUs" if shards > 1 else ""
+    if s.method in ("lora", "qlora", "dora") or peft:
+        return f"{trainable / 1e6:.1f}M adapter params: fp32 weight + gradient + 2 AdamW moments{share}"
+    return f"{trainable / 1e9:.2f}B params: gradient + 2 AdamW moments in the model dtype{share}"
