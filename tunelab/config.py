@@ -267,6 +267,13 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed for weights init of adapters, data order, dropout.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+    fused_loss: bool | Literal["auto"] = Field(
+        "auto",
+        description="sft: compute the output head and the cross-entropy together, chunk by chunk over the answer "
+        "tokens, so the full logits tensor (12 bytes per token x vocabulary) never exists: same loss and gradients, "
+        "much less memory. auto: on with CUDA, off on CPUs. Prompt / prefix tuning, heads that scale or cap the "
+        "logits and multi-process runs keep the plain path.",
+    )
 
     @field_validator("eval_every", "save_every")
     @classmethod

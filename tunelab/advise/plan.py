@@ -92,6 +92,12 @@ def settings_for(config: RunConfig, gpu: Gpu, gpus: int = 1) -> Settings:
         freeze_keep_last=config.method.freeze_keep_last,
         gpus=gpus,
         strategy=getattr(config.train, "distributed", "ddp") or "ddp",
+        # plan sizes a CUDA run: auto means on; sft only (summarize keeps the plain loss); one process only, since
+        # the wrappers of several processes must see the model's own forward (kernels/causal_lm_loss.py)
+        fused_loss=config.task == "sft"
+        and config.train.fused_loss is not False
+        and method not in ("prefix", "prompt")
+        and gpus == 1,
     )
 
 
@@ -254,7 +260,7 @@ def print_plan(plan: Plan, config: RunConfig) -> None:
     console.print(f"{verdict}: {plan.current.total_gib:.1f} of {gpu.memory_gib:g} GiB")
     if plan.current.chunked_loss_saves_gib > 0.5:
         saves = plan.current.chunked_loss_saves_gib
-        console.print(f"a chunked loss (not in this version) would save about {saves} GiB")
+        console.print(f"the fused loss (train.fused_loss: true) would save about {saves} GiB")
     if plan.changes:
         console.print("[bold]recommended[/bold]: " + " ".join(f"{k}={v}" for k, v in plan.changes.items()))
         for reason in plan.reasons:

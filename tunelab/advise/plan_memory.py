@@ -11,7 +11,8 @@ estimate is of *this* program, not of fine-tuning in general:
   upcasts, LoRA inputs and dropout masks, rotary q / k, attention q / k / v / output, SwiGLU's three products);
   with gradient checkpointing only each block's input is kept, plus one block recomputed at a time;
 - logits: the output head's bf16 logits, their fp32 copy, log-softmax and its gradient (12 bytes per token and
-  vocabulary entry at the peak); a chunked loss would keep a chunk of them only;
+  vocabulary entry at the peak); with train.fused_loss (sft, on by default on CUDA; kernels/causal_lm_loss.py)
+  only one chunk of target rows' logits exists at a time, plus the target rows' hidden states and their gradient;
 - vision: a frozen vision tower runs without a graph (one layer of transients); a trained one keeps its layers;
 - outside what PyTorch allocates: the CUDA context and the caching allocator's slack.
 
@@ -29,6 +30,10 @@ NF4_BYTES = 4.127 / 8  # 4-bit codes + one 8-bit absmax per 64 weights + one fp3
 INT8_BYTES = 1.0 + 4 / 4096  # int8 weights + an fp32 scale per row (rows of about 4k)
 LOGITS_BYTES = 12  # bf16 logits (2) + fp32 log-softmax kept for backward (4) + its gradient in and out (4 + 4) - 2
 CUDA_CONTEXT_GIB = 0.55  # driver, kernels and cuBLAS workspace: outside torch's allocator (H100, CUDA 13)
+# train.fused_loss, kernels/linear_cross_entropy.py: CHUNK_BYTES of fp32 logits a chunk, reused in place for their
+# gradient, beside the bf16 logits and the bf16 gradient (4 + 2 + 2 bytes per row and vocabulary entry)
+FUSED_CHUNK_BYTES = 256 * 2**20
+FUSED_LOGITS_BYTES = 8
 SLACK = 0.04  # caching-allocator fragmentation with expandable segments, as a share of the peak
 
 
@@ -52,6 +57,7 @@ class Settings:
     freeze_keep_last: int = 2
     gpus: int = 1
     strategy: str = "ddp"  # ddp | fsdp | deepspeed-zero2 | deepspeed-zero3
+    fused_loss: bool = False  # the head and the loss chunk by chunk (train.fused_loss in effect)
 
 
 @dataclass
@@ -104,6 +110,9 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         layers = max(1, shape.layers)
     head_tokens = s.micro_batch * s.target_len if shape.encoder_decoder else tokens
     logits = head_tokens * shape.vocab * LOGITS_BYTES
+    if s.fused_loss:  # one chunk of logits at a time, plus the (at most all) target rows' hidden states and gradient
+        chunk_rows = min(head_tokens, FUSED_CHUNK_BYTES // (4 * shape.vocab))
+        logits = chunk_rows * shape.vocab * FUSED_LOGITS_BYTES + 2 * head_tokens * shape.hidden * d
     if other_bytes == 4 and d == 2:  # fp32 output head under autocast: a bf16 copy for the forward and backward
         logits += shape.vocab * shape.hidden * 2
     if s.checkpointing:
@@ -125,7 +134,11 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         Part(
             "logits / recompute peak",
             transient / GIB,
-            f"{head_tokens:,} tokens x {shape.vocab:,} vocabulary x {LOGITS_BYTES} bytes at the loss"
+            (
+                f"fused loss: {chunk_rows:,} target rows x {shape.vocab:,} vocabulary x {FUSED_LOGITS_BYTES} bytes"
+                if s.fused_loss
+                else f"{head_tokens:,} tokens x {shape.vocab:,} vocabulary x {LOGITS_BYTES} bytes at the loss"
+            )
             + (", or one recomputed block, the larger" if s.checkpointing else ""),
         ),
     ]
@@ -136,6 +149,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     parts.append(Part("allocator slack + CUDA context", total - peak, "outside torch.cuda.max_memory_allocated"))
     chunk_tokens = 1024  # what a chunked loss would keep of the logits at a time
     saves = max(0.0, (head_tokens - min(head_tokens, chunk_tokens)) * shape.vocab * LOGITS_BYTES / GIB)
+    saves = 0.0 if s.fused_loss else saves
     return Estimate(parts, round(peak, 3), round(total, 3), trainable, round(saves, 2))
 
 

@@ -9,6 +9,7 @@ loss, perplexity and token accuracy; prediction generates answers.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -33,6 +34,7 @@ from tunelab.data.templates import (
 )
 from tunelab.errors import UserError
 from tunelab.evaluate.generate import generate_texts
+from tunelab.kernels.causal_lm_loss import decoder_and_head, fused_loss_enabled, lm_loss_sum_fused
 from tunelab.models import adapters
 from tunelab.models.load import load_causal_lm, load_tokenizer, resolve_dtype, use_gradient_checkpointing
 from tunelab.train.loop import TrainingJob
@@ -196,11 +198,18 @@ def build_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
     return adapters.apply_method(model, config.method, checkpointing)
 
 
-def lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy over the target positions (labels != -100), in fp32.
 
     Equal to the model's own mean loss times the target count; the loop divides by the window's targets.
+    `fused` (train.fused_loss): the output head and the loss run chunk by chunk over the target positions only
+    (kernels/causal_lm_loss.py), the same value and gradients without the full logits tensor; models and methods
+    it cannot serve (prompt / prefix tuning, soft-capped heads, several processes) keep the plain path below.
     """
+    if fused:
+        parts = decoder_and_head(model)
+        if parts is not None:
+            return lm_loss_sum_fused(model, batch, parts)
     labels = batch["labels"]
     # use_cache=False: with a KV cache, transformers would ignore the packed position_ids boundaries
     logits = model(**textdata.model_inputs(batch), use_cache=False).logits
@@ -281,7 +290,7 @@ def make_job(
         train_data=data,
         collate=lambda items: textdata.collate(items, pad_id),
         targets_in=lambda batch: textdata.count_targets(batch["labels"]),
-        loss_sum=lm_loss_sum,
+        loss_sum=functools.partial(lm_loss_sum, fused=fused_loss_enabled(config.train.fused_loss, device)),
         evaluate=evaluate if valid_examples else None,
         save_weights=lambda m, folder: save_weights(m, tokenizer, folder),
         units_in=lambda batch: int(batch["real_tokens"].sum()),

@@ -1,0 +1,176 @@
+"""Cross-entropy fused with the output projection, computed in chunks of tokens so that the full logits tensor
+(tokens x vocabulary, 12 bytes an element at the peak of the plain path) never exists.
+
+Three implementations of one function, `sum over rows of -log softmax(hidden @ weight.T + bias)[target]`:
+
+- `linear_cross_entropy_reference`: the plain PyTorch twin (F.linear, then F.cross_entropy in fp32), which every
+  fast version is tested against;
+- `chunked_linear_cross_entropy`: PyTorch only, any device: per chunk of rows it computes the logits, the loss
+  and at once the gradients of the hidden states (and of the weight and bias where they train), and keeps only
+  those; backward scales them by the incoming gradient. The same three matrix products as the plain path, no
+  recompute, and the transient memory is one chunk's logits;
+- liger-kernel's `LigerFusedLinearCrossEntropyFunction` (same scheme, the softmax and its gradient in one Triton
+  pass over each chunk) when it is installed and the tensors are on CUDA.
+
+`fused_linear_cross_entropy` picks one and follows the surrounding autocast the way the plain path does: the
+matrix products run in the autocast dtype, the softmax in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# Transient fp32 logits per chunk: 256 MiB keeps a chunk's matrix product large enough to run at full rate on a
+# GPU (e.g. 256 rows x 128256 vocabulary x 2048 hidden, ~134 GFLOP) while staying small next to the weights.
+CHUNK_BYTES = 256 * 2**20
+
+Impl = Literal["auto", "chunked", "liger", "reference"]
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden` (rows x H) projected by `weight` (V x H): the plain path, logits in full."""
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and gradients chunk by chunk in forward; backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        ignore_index: int,
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        rows = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # fp32 accumulators: the weight gradient is a sum over every chunk, so bf16 partial sums would lose bits
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        for start in range(0, rows, chunk_rows):
+            end = min(start + chunk_rows, rows)
+            chunk = hidden[start:end]
+            target = targets[start:end]
+            valid = target != ignore_index
+            safe_target = torch.where(valid, target, 0).unsqueeze(1)
+            logits = F.linear(chunk, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_target).squeeze(1)
+            loss += torch.where(valid, lse - picked, 0.0).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; computed in place on the fp32 logits
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad.scatter_add_(1, safe_target, torch.full_like(picked, -1.0).unsqueeze(1))
+            grad.mul_(valid.unsqueeze(1))
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            grad = grad.to(chunk.dtype)  # the plain path's backward also runs the projection in the compute dtype
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[start:end])
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ chunk).float()
+        ctx.save_for_backward(
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss.to(torch.float32)
+        out = []
+        for grad in (grad_hidden, grad_weight, grad_bias):
+            out.append(None if grad is None else (grad * scale).to(grad.dtype))
+        return out[0], out[1], out[2], None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden` (rows x H) under `weight` (V x H), at most `chunk_rows` rows of logits at a
+    time (default: CHUNK_BYTES of fp32 logits). Equal to linear_cross_entropy_reference, forward and backward."""
+    hidden = hidden.contiguous()  # the hidden gradient is written row-slice by row-slice
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, int(chunk_rows))
+
+
+def liger_available() -> bool:
+    """Whether liger-kernel (and so Triton) can be imported."""
+    try:
+        from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction  # noqa: F401
+    except Exception:  # ImportError, or Triton failing to find a driver
+        return False
+    return True
+
+
+def _liger_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+) -> torch.Tensor:
+    from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
+
+    # positional: _input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction
+    loss = LigerFusedLinearCrossEntropyFunction.apply(
+        hidden, weight, targets, bias, None, ignore_index, 0.0, 0.0, "sum"
+    )
+    return (loss[0] if isinstance(loss, tuple) else loss).float()
+
+
+def resolve_impl(impl: Impl, device: torch.device) -> str:
+    """The implementation `impl` means on `device`: auto is liger on CUDA where installed, chunked otherwise."""
+    if impl == "auto":
+        return "liger" if device.type == "cuda" and liger_available() else "chunked"
+    return impl
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden` (rows x H) projected by `weight` (V x H) onto `targets` (rows), without
+    the full logits tensor. Under autocast the projection runs in the autocast dtype, as nn.Linear would."""
+    device_type = hidden.device.type
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    chosen = resolve_impl(impl, hidden.device)
+    with torch.autocast(device_type, enabled=False):
+        if chosen == "liger":
+            return _liger_linear_cross_entropy(hidden.contiguous(), weight, targets.contiguous(), bias, ignore_index)
+        if chosen == "reference":
+            return linear_cross_entropy_reference(hidden, weight, targets, bias, ignore_index)
+        return chunked_linear_cross_entropy(hidden, weight, targets, bias, ignore_index)
