@@ -102,7 +102,7 @@ def train_curve(fused: bool, steps: int = 50) -> tuple[list[float], float]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, optimizer
     return losses, peak
