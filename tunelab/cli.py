@@ -86,7 +86,7 @@ def train(
     patches = [a for a in overrides or [] if is_patch_argument(a)]
     run_config = load_config(config, [a for a in overrides or [] if not is_patch_argument(a)], patches)
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
-        preflight(run_config, resume)  # the common mistakes fail once, here, not once per process
+        preflight(run_config, resume, gpus)  # the common mistakes fail once, here, not once per process
         raise typer.Exit(_launch(gpus, ["train", str(config), *(overrides or []), *(["--resume"] if resume else [])]))
     run_dir = _task_module(run_config.task).train(run_config, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -112,15 +112,23 @@ def _launch(processes: int, args: list[str]) -> int:
     return 0
 
 
+GPUS_HELP = "Processes to spread the rows over (one per GPU, each with the whole model); sft and summarize runs."
+
+
 @app.command("eval")
 def eval_(
     run: Path = typer.Argument(..., help="Run folder."),
     data: str = typer.Option(None, "--data", help="Score on this file instead of the run's validation split."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help=GPUS_HELP),
 ) -> None:
     """Score a run's best weights; prints JSON."""
     task = _run_task(run)
     _check_paths(data=data if task != "image_cls" else None)  # image_cls also takes a class-folder tree
-    typer.echo(json.dumps(_task_module(task).evaluate_run(run, data), indent=2))
+    if _spread(gpus, task, "eval"):
+        raise typer.Exit(_launch(gpus, ["eval", str(run), *(["--data", data] if data else [])]))
+    metrics = _task_module(task).evaluate_run(run, data)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(metrics, indent=2))
 
 
 @app.command()
@@ -128,11 +136,25 @@ def predict(
     run: Path = typer.Argument(..., help="Run folder."),
     data: str = typer.Option(..., "--data", help="Input file (CSV / JSONL / Parquet)."),
     out: Path = typer.Option(..., "--out", help="Output CSV."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help=GPUS_HELP),
 ) -> None:
     """Write predictions for every row of --data."""
     task = _run_task(run)
     _check_paths(data=data if task != "image_cls" else None, out_file=out)  # image_cls: a folder of images too
-    typer.echo(str(_task_module(task).predict_run(run, data, out)))
+    if _spread(gpus, task, "predict"):
+        raise typer.Exit(_launch(gpus, ["predict", str(run), "--data", data, "--out", str(out)]))
+    written = _task_module(task).predict_run(run, data, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(str(written))
+
+
+def _spread(gpus: int, task: str, verb: str) -> bool:
+    """Whether to launch `gpus` processes for eval / predict (not when already one of them)."""
+    if gpus == 1 or "LOCAL_RANK" in os.environ:
+        return False
+    if task not in ("sft", "summarize"):
+        raise UserError(f"{verb} --gpus {gpus} spreads sft and summarize runs; this is a {task} run: drop --gpus.")
+    return True
 
 
 @app.command()

@@ -267,6 +267,19 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed for weights init of adapters, data order, dropout.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+    distributed: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        "ddp",
+        description="How several processes (--gpus N, torchrun, accelerate launch) share a run; one process ignores "
+        "it. ddp: a whole model per GPU, gradients averaged. fsdp: PyTorch FSDP2, parameters, gradients and "
+        "optimizer state sharded per decoder block (for models that do not fit one GPU). deepspeed-zero2: DeepSpeed "
+        "ZeRO-2, optimizer state and gradients sharded; deepspeed-zero3: parameters too (CUDA only; pip install "
+        "'tunelab[deepspeed]'; its config is generated from this file). batch_size stays per GPU.",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp / deepspeed-*: keep the sharded optimizer state (and, with fsdp or zero3, the sharded "
+        "parameters) in CPU memory, moved to the GPU when used: less GPU memory, slower steps.",
+    )
     fused_loss: bool | Literal["auto"] = Field(
         "auto",
         description="sft: compute the output head and the cross-entropy together, chunk by chunk over the answer "

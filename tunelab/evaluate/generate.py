@@ -24,6 +24,8 @@ def generate_texts(
     no_repeat_ngram_size: int = 0,
     skip_special_tokens: bool = True,
     progress: Any = None,
+    accelerator: Any = None,
+    synced_gpus: bool = False,
 ) -> list[str]:
     """Continue each prompt (text, or token ids already truncated); returns the decoded new text per prompt, in
     the prompts' order.
@@ -31,7 +33,15 @@ def generate_texts(
     Prompts are sorted by length so each batch pads little; a causal LM's padding is on the left so every row's
     last position is its real last token (what generation continues from). An encoder-decoder model reads the
     prompt with its encoder and generates from its decoder start, so its output is all new.
+
+    accelerator: with several processes each generates every N-th of the batches one process would make (the
+    same rows, padding and shapes, so the same outputs), and every process returns all outputs in order.
+    synced_gpus: the model's parameters are sharded across processes (FSDP, ZeRO-3), so every forward is
+    collective: processes with a batch fewer run a stand-in, and one whose rows have all ended keeps stepping
+    until every process is done (transformers' synced_gpus).
     """
+    from tunelab.train.distributed import gather_rows, lockstep_batches
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -43,11 +53,12 @@ def generate_texts(
         for p in prompts
     ]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
+    outputs: dict[int, str] = {}
     eos_ids = _stop_ids(model, tokenizer)
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows, counts in lockstep_batches(order, batch_size, accelerator):
+            if not counts and not synced_gpus:
+                continue  # a stand-in matters only when every forward is collective
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(device)
             generated = model.generate(
                 **batch,
@@ -61,7 +72,10 @@ def generate_texts(
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos_ids,
+                **({"synced_gpus": True} if synced_gpus else {}),
             )
+            if not counts:
+                continue
             new_tokens = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1] :]
             for row, tokens in zip(rows, new_tokens, strict=True):
                 outputs[row] = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens).strip()
@@ -70,7 +84,7 @@ def generate_texts(
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
-    return outputs
+    return gather_rows(outputs, len(prompts), accelerator)
 
 
 def _stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

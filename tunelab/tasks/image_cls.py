@@ -391,7 +391,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     started = time.time()
     preflight(config, resume)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    accelerator = make_accelerator(resolve_dtype(config.model.dtype, device))
+    accelerator = make_accelerator(resolve_dtype(config.model.dtype, device), config)
     torch.backends.cudnn.benchmark = True  # fixed input size: find the fastest kernels once (as timm train.py)
     set_seed(config.train.seed)
     data = load_data(config)

@@ -231,19 +231,22 @@ def evaluate_examples(
     """Valid loss (mean over target tokens), perplexity and next-token accuracy on the targets.
 
     With several processes each scores every N-th example (by length, so the shards cost about the same) and
-    the sums are added up across processes."""
+    the sums are added up across processes; every process runs as many batches (lockstep_batches), as sharded
+    parameters (FSDP, ZeRO-3) need."""
+    from tunelab.train.distributed import lockstep_batches
+
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     sharded = accelerator is not None and accelerator.num_processes > 1
-    if sharded:
-        order = order[accelerator.process_index :: accelerator.num_processes]
     loss_sum, correct, count = 0.0, 0, 0
-    for start in range(0, len(order), batch_size):
-        batch = textdata.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+    for rows, counts in lockstep_batches(order, batch_size, accelerator):
+        batch = textdata.collate([examples[i] for i in rows], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"]
         logits = model(**textdata.model_inputs(batch), use_cache=False).logits[:, -labels.shape[1] :]
+        if not counts:  # a stand-in batch: run only to keep the processes in step
+            continue
         shifted, targets = logits[:, :-1].float(), labels[:, 1:]
         mask = targets != textdata.IGNORE
         loss_sum += float(
@@ -259,9 +262,12 @@ def evaluate_examples(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(count, 1)}
 
 
-def save_weights(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
-    """Adapter files for peft methods, a complete safetensors model otherwise; the tokenizer beside them."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_weights(model: torch.nn.Module, tokenizer: Any, folder: Path, state_dict: dict | None = None) -> None:
+    """Adapter files for peft methods, a complete safetensors model otherwise; the tokenizer beside them.
+    `state_dict`: the whole trainable tensors of a sharded model (FSDP, DeepSpeed), which save_pretrained writes in
+    place of the model's own (sharded) ones."""
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(folder, safe_serialization=True, **extra)
     tokenizer.save_pretrained(folder)
 
 
@@ -292,7 +298,7 @@ def make_job(
         targets_in=lambda batch: textdata.count_targets(batch["labels"]),
         loss_sum=functools.partial(lm_loss_sum, fused=fused_loss_enabled(config.train.fused_loss, device)),
         evaluate=evaluate if valid_examples else None,
-        save_weights=lambda m, folder: save_weights(m, tokenizer, folder),
+        save_weights=lambda m, folder, state=None: save_weights(m, tokenizer, folder, state),
         units_in=lambda batch: int(batch["real_tokens"].sum()),
     )
 
@@ -325,9 +331,10 @@ def show_data_report(name: str, stats: textdata.TokenStats, hit: bool, max_lengt
 
 
 def sample_answers(
-    model: torch.nn.Module, tokenizer: Any, conversations: list[dict], config: RunConfig
+    model: torch.nn.Module, tokenizer: Any, conversations: list[dict], config: RunConfig, synced: bool = False
 ) -> list[dict[str, str]]:
-    """Generated answers for a few conversations (shown before / after training)."""
+    """Generated answers for a few conversations (shown before / after training). `synced`: every process runs
+    this with the same conversations (sharded parameters gather in every forward)."""
     if not conversations:
         return []
     template = resolve_template(config.data.template, tokenizer)
@@ -339,6 +346,7 @@ def sample_answers(
         add_special_tokens=template != "chat",
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,
+        synced_gpus=synced,
     )
     return [
         {
@@ -359,13 +367,14 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     from tunelab.advise.inspect_report import write_json
     from tunelab.errors import RunStopped
     from tunelab.track.progress import TrainProgress, console
+    from tunelab.train.distributed import SHARDS_PARAMETERS
     from tunelab.train.loop import train_loop
     from tunelab.train.run import finish_run, make_accelerator, open_run, preflight, warn_if_over_memory
 
     started = time.time()
     preflight(config, resume)
     _, dtype = device_and_dtype(config)
-    accelerator = make_accelerator(dtype)
+    accelerator = make_accelerator(dtype, config)
     device = accelerator.device
     warn_if_over_memory(config, accelerator)
     set_seed(config.train.seed)
@@ -420,9 +429,14 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
         raise
     finally:
         log.close()
-    if not accelerator.is_main_process:  # rank 0 writes the summary and shows the answers
+    # rank 0 writes the summary and shows the answers; with sharded parameters every process must generate along
+    lockstep = accelerator.num_processes > 1 and config.train.distributed in SHARDS_PARAMETERS
+    if not accelerator.is_main_process and not (samples and lockstep):
         return run_dir
-    after = sample_answers(accelerator.unwrap_model(job.model), tokenizer, samples, config) if samples else []
+    model = accelerator.unwrap_model(job.model)
+    after = sample_answers(model, tokenizer, samples, config, synced=lockstep) if samples else []
+    if not accelerator.is_main_process:
+        return run_dir
     for item in after if not show_before else []:  # the demo prints before / after side by side instead
         console.print(f"[bold]Q[/] {item['prompt']}\n[bold]A[/] {item['answer']}")
     finish_run(
@@ -436,8 +450,11 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     return run_dir
 
 
-def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, torch.nn.Module]:
-    """(config, tokenizer, model) of a finished run, with the best weights; `merge` folds adapters in."""
+def load_trained(
+    run_dir: Path, merge: bool = False, device: torch.device | None = None
+) -> tuple[RunConfig, Any, torch.nn.Module]:
+    """(config, tokenizer, model) of a finished run, with the best weights; `merge` folds adapters in. `device`:
+    this process's device when several share the work (default: this machine's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.config import load_config
@@ -453,7 +470,8 @@ def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, to
             "it with `tunelab train CONFIG --resume`."
         )
     config = load_config(run_dir / "config.yaml")
-    device, dtype = device_and_dtype(config)
+    default_device, dtype = device_and_dtype(config)
+    device = device or default_device
     tokenizer = AutoTokenizer.from_pretrained(best)
     ensure_pad_token(tokenizer)
     if adapters.is_peft(config.method.kind):
@@ -478,29 +496,37 @@ def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, to
 
 
 def evaluate_run(run_dir: Path, data_file: str | None = None) -> dict[str, float]:
-    """Metrics of a run's best weights on its validation split or on `data_file`."""
-    config, tokenizer, model = load_trained(run_dir)
+    """Metrics of a run's best weights on its validation split or on `data_file` (rows spread over the processes
+    under `tunelab eval --gpus N`, sums added up)."""
+    from tunelab.train.distributed import inference_accelerator
+
+    accelerator = inference_accelerator()
+    config, tokenizer, model = load_trained(run_dir, device=accelerator.device if accelerator else None)
     conversations = read_conversations(data_file, config) if data_file else split_train_valid(config)[1]
     if not conversations:
         raise UserError(f"{run_dir} has no validation split (data.valid_split is 0). Pass --data FILE.")
     examples, _, _ = build_examples(conversations, tokenizer, config)
     device = next(model.parameters()).device
-    return evaluate_examples(model, examples, tokenizer.pad_token_id, config.eval.batch_size, device)
+    return evaluate_examples(model, examples, tokenizer.pad_token_id, config.eval.batch_size, device, accelerator)
 
 
 def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
-    """Generate an answer for every row of `data_file`; write `id,prediction` to `out` (atomically)."""
+    """Generate an answer for every row of `data_file`; write `id,prediction` to `out` (atomically). Under
+    `tunelab predict --gpus N` each process answers every N-th batch and rank 0 writes them all in the file's order."""
     import pandas as pd
 
     from tunelab.track.progress import console
+    from tunelab.train.distributed import inference_accelerator
 
-    config, tokenizer, model = load_trained(run_dir)
+    accelerator = inference_accelerator()
+    config, tokenizer, model = load_trained(run_dir, device=accelerator.device if accelerator else None)
     conversations = read_conversations(data_file, config, need_answer=False)
     template = resolve_template(config.data.template, tokenizer)
     prompts = [render_prompt(c["messages"], template, tokenizer) for c in conversations]
     console.print(
         f"generating {len(prompts)} answers (batch {config.eval.batch_size}, "
-        f"max_new_tokens {config.eval.max_new_tokens})"
+        f"max_new_tokens {config.eval.max_new_tokens}"
+        f"{f', {accelerator.num_processes} processes' if accelerator else ''})"
     )
     answers = generate_texts(
         model,
@@ -512,7 +538,10 @@ def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
         do_sample=config.eval.do_sample,
         temperature=config.eval.temperature,
         num_beams=config.eval.num_beams,
+        accelerator=accelerator,
     )
+    if accelerator is not None and not accelerator.is_main_process:
+        return Path(out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

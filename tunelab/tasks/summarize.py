@@ -173,17 +173,20 @@ def targets_in(kind: str, batch: dict[str, torch.Tensor]) -> int:
 def evaluate_loss(
     model: Any, examples: list[dict], kind: str, collate: Any, batch_size: int, accelerator: Any
 ) -> float:
-    """Mean valid loss per target token (sharded over processes by length, summed across them)."""
+    """Mean valid loss per target token (sharded over processes by length, summed across them; every process runs
+    as many batches, as sharded parameters need)."""
+    from tunelab.train.distributed import lockstep_batches
+
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     world = accelerator.num_processes if accelerator is not None else 1
-    if world > 1:
-        order = order[accelerator.process_index :: world]
     loss_sum, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[start : start + batch_size]]).items()}
-        loss_sum += float(loss_sum_for(kind)(model, batch))
-        count += targets_in(kind, batch)
+    for rows, counts in lockstep_batches(order, batch_size, accelerator):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
+        loss = float(loss_sum_for(kind)(model, batch))
+        if counts:  # else a stand-in batch, run only to keep the processes in step
+            loss_sum += loss
+            count += targets_in(kind, batch)
     if world > 1:
         sums = accelerator.reduce(torch.tensor([loss_sum, count], dtype=torch.float64, device=device), reduction="sum")
         loss_sum, count = sums.tolist()
@@ -203,9 +206,18 @@ def prompt_ids(rows: list[dict], tokenizer: Any, kind: str, config: RunConfig) -
     return [ids for ids, _ in pairs], sum(length > config.data.max_length for _, length in pairs)
 
 
-def generate_summaries(model: Any, tokenizer: Any, rows: list[dict], kind: str, config: RunConfig) -> list[str]:
+def generate_summaries(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict],
+    kind: str,
+    config: RunConfig,
+    accelerator: Any = None,
+    synced: bool = False,
+) -> list[str]:
     """Summaries for `rows`: batched beam search / greedy with the eval settings, cleaned of special tokens (the
-    registered speaker tags stay) and speaker-tag debris."""
+    registered speaker tags stay) and speaker-tag debris. With several processes (`accelerator`) each generates a
+    share of the batches and all get every summary; `synced`: the parameters are sharded across them."""
     if not rows:
         return []
     prompts, _ = prompt_ids(rows, tokenizer, kind, config)
@@ -223,6 +235,8 @@ def generate_summaries(model: Any, tokenizer: Any, rows: list[dict], kind: str, 
         length_penalty=ev.length_penalty,
         no_repeat_ngram_size=ev.no_repeat_ngram_size,
         skip_special_tokens=False,  # skipping would drop the registered speaker tags too
+        accelerator=accelerator,
+        synced_gpus=synced,
     )
     remove = sd.structural_tokens(tokenizer, config.data.special_tokens)
     return [sd.clean_summary(text, remove) for text in texts]
@@ -231,33 +245,32 @@ def generate_summaries(model: Any, tokenizer: Any, rows: list[dict], kind: str, 
 def rouge_on(
     model: Any, tokenizer: Any, rows: list[dict], kind: str, config: RunConfig, accelerator: Any = None
 ) -> tuple[dict[str, float], list[str]]:
-    """Corpus ROUGE of generated summaries against the rows' references, and this process's predictions. With
-    several processes each generates every N-th row and the per-example scores are summed across them."""
+    """Corpus ROUGE of generated summaries against the rows' references, and the predictions in the rows' order.
+    With several processes each generates a share of the batches; every process gets all predictions (the same
+    as one process makes) and scores them."""
+    from tunelab.train.distributed import SHARDS_PARAMETERS
+
     world = accelerator.num_processes if accelerator is not None else 1
-    mine = rows[accelerator.process_index :: world] if world > 1 else rows
-    predictions = generate_summaries(model, tokenizer, mine, kind, config)
+    synced = world > 1 and config.train.distributed in SHARDS_PARAMETERS
+    predictions = generate_summaries(model, tokenizer, rows, kind, config, accelerator, synced)
     per_example = rougelib.score_examples(
-        predictions, [r["summaries"] for r in mine], config.eval.rouge_tokenizer, config.eval.rouge_references
+        predictions, [r["summaries"] for r in rows], config.eval.rouge_tokenizer, config.eval.rouge_references
     )
-    keys = (*rougelib.ROUGE_TYPES, "rouge_sum")
-    if world == 1:
-        return rougelib.mean_scores(per_example), predictions
-    device = next(model.parameters()).device
-    sums = [sum(row[k] for row in per_example) for k in keys] + [len(per_example)]
-    total = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), reduction="sum").tolist()
-    return {k: total[i] / max(total[-1], 1) for i, k in enumerate(keys)}, predictions
+    return rougelib.mean_scores(per_example), predictions
 
 
 # ----------------------------------------------------------------------------------------------- job
 
 
-def save_weights(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+def save_weights(model: torch.nn.Module, tokenizer: Any, folder: Path, state_dict: dict | None = None) -> None:
     """Adapter files (with the trained token rows, without the whole embedding: loading rebuilds the grown base
-    deterministically) or a complete model; the tokenizer beside them."""
+    deterministically) or a complete model; the tokenizer beside them. `state_dict`: the whole trainable tensors
+    of a sharded model (FSDP, DeepSpeed), written in place of its own (sharded) ones."""
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     if hasattr(model, "peft_config"):
-        model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False, **extra)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, **extra)
     tokenizer.save_pretrained(folder)
 
 
@@ -285,7 +298,7 @@ def make_job(config: RunConfig, parts: dict[str, Any], accelerator: Any, capture
         targets_in=lambda batch: targets_in(kind, batch),
         loss_sum=loss_sum_for(kind),
         evaluate=evaluate if parts["valid_examples"] else None,
-        save_weights=lambda m, folder: save_weights(m, tokenizer, folder),
+        save_weights=lambda m, folder, state=None: save_weights(m, tokenizer, folder, state),
         units_in=lambda batch: int(batch["real_tokens"].sum()),
     )
 
@@ -340,7 +353,7 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     kind = resolve_kind(config)
     check_settings(config, kind)
     _, dtype = sft.device_and_dtype(config)
-    accelerator = make_accelerator(dtype)
+    accelerator = make_accelerator(dtype, config)
     device = accelerator.device
     warn_if_over_memory(config, accelerator)
     set_seed(config.train.seed)
@@ -393,8 +406,11 @@ def _samples(rows: list[dict], captured: dict[str, Any], n: int) -> list[dict[st
     ]
 
 
-def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, Any, str]:
-    """(config, tokenizer, model, kind) of a finished run with its best weights; `merge` folds adapters in."""
+def load_trained(
+    run_dir: Path, merge: bool = False, device: torch.device | None = None
+) -> tuple[RunConfig, Any, Any, str]:
+    """(config, tokenizer, model, kind) of a finished run with its best weights; `merge` folds adapters in.
+    `device`: this process's device when several share the work (default: this machine's)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from tunelab.config import load_config
@@ -409,7 +425,8 @@ def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, An
         )
     config = load_config(run_dir / "config.yaml")
     kind = resolve_kind(config)
-    device, dtype = sft.device_and_dtype(config)
+    default_device, dtype = sft.device_and_dtype(config)
+    device = device or default_device
     tokenizer = AutoTokenizer.from_pretrained(best)
     ensure_pad_token(tokenizer)
     if adapters.is_peft(config.method.kind):
@@ -434,8 +451,12 @@ def load_trained(run_dir: Path, merge: bool = False) -> tuple[RunConfig, Any, An
 
 
 def evaluate_run(run_dir: Path, data_file: str | None = None) -> dict[str, float]:
-    """Valid loss and ROUGE of a run's best weights on its whole validation split or on `data_file`."""
-    config, tokenizer, model, kind = load_trained(run_dir)
+    """Valid loss and ROUGE of a run's best weights on its whole validation split or on `data_file` (rows spread
+    over the processes under `tunelab eval --gpus N`)."""
+    from tunelab.train.distributed import inference_accelerator
+
+    accelerator = inference_accelerator()
+    config, tokenizer, model, kind = load_trained(run_dir, device=accelerator.device if accelerator else None)
     if config.eval.rouge_tokenizer == "ko-morph":
         rougelib.require_kiwi()
     rows = sd.read_dialogues(data_file, config) if data_file else sft.split_train_valid(config, sd.read_dialogues)[1]
@@ -444,25 +465,31 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> dict[str, float
     eval_config = config.model_copy(deep=True)
     eval_config.data.long_targets = "truncate"
     examples, _, _ = sd.build_split(rows, tokenizer, kind, eval_config, training=False)
-    loss = evaluate_loss(model, examples, kind, collate_for(kind, tokenizer, model), config.eval.batch_size, None)
-    scores, _ = rouge_on(model, tokenizer, rows, kind, config)
+    collate = collate_for(kind, tokenizer, model)
+    loss = evaluate_loss(model, examples, kind, collate, config.eval.batch_size, accelerator)
+    scores, _ = rouge_on(model, tokenizer, rows, kind, config, accelerator)
     return {"loss": loss, **scores, "examples": len(rows)}
 
 
 def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
-    """A summary for every row of `data_file`, written as `id,summary` to `out` (atomically)."""
+    """A summary for every row of `data_file`, written as `id,summary` to `out` (atomically). Under
+    `tunelab predict --gpus N` each process summarizes every N-th batch and rank 0 writes them all in order."""
     import pandas as pd
 
     from tunelab.track.progress import console
+    from tunelab.train.distributed import inference_accelerator
 
-    config, tokenizer, model, kind = load_trained(run_dir)
+    accelerator = inference_accelerator()
+    config, tokenizer, model, kind = load_trained(run_dir, device=accelerator.device if accelerator else None)
     rows = sd.read_dialogues(data_file, config, need_summary=False)
     _, cut = prompt_ids(rows, tokenizer, kind, config)
     if cut:
         sft._warn(f"{cut} of {len(rows)} dialogues are longer than data.max_length={config.data.max_length}: "
                   "their oldest turns are cut.")  # fmt: skip
     console.print(f"summarizing {len(rows)} dialogues (batch {config.eval.batch_size}, beams {config.eval.num_beams})")
-    summaries = generate_summaries(model, tokenizer, rows, kind, config)
+    summaries = generate_summaries(model, tokenizer, rows, kind, config, accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return Path(out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

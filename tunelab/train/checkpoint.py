@@ -63,6 +63,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def temporary_folder(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is renamed into place."""
+    return Path(run_dir) / CHECKPOINTS / f"{TMP_PREFIX}{PREFIX}{step:06d}"
+
+
+def fresh_folder(folder: Path) -> Path:
+    """An empty folder (what a killed save left there is removed)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def gather_rng_states() -> list[torch.Tensor]:
+    """Every process's rng_state, each serialized into a uint8 tensor (collective; the list on every process).
+    Serialized because all_gather_object cannot unpickle the CPU generator's tensors in some torch releases, and
+    state.pt is read with weights_only=True, which takes tensors but not arbitrary bytes."""
+    import io
+
+    from accelerate.utils import gather_object
+
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    return [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in gather_object([buffer.getvalue()])]
+
+
+def unpack_rng_state(packed: torch.Tensor) -> dict[str, Any]:
+    """An rng_state from gather_rng_states' tensor."""
+    import io
+
+    return torch.load(io.BytesIO(packed.numpy().tobytes()), weights_only=True)
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -71,15 +103,20 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     save_extra: Callable[[Path], None] | None,
     keep_last: int,
+    weights: dict[str, torch.Tensor] | None = None,
+    fresh: bool = True,
 ) -> Path:
-    """Write a complete checkpoint atomically and prune to the last `keep_last`."""
+    """Write a complete checkpoint atomically and prune to the last `keep_last`.
+
+    `weights`: the trainable tensors when the model cannot give them itself (gathered from shards); `fresh=False`
+    keeps what other processes already wrote into the temporary folder (DeepSpeed's optimizer shards)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f"{TMP_PREFIX}{PREFIX}{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    tmp = temporary_folder(run_dir, step)
+    if fresh:
+        fresh_folder(tmp)
+    save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
     torch.save({**training_state, "rng": rng_state()}, tmp / "state.pt")
     if save_extra is not None:
         save_extra(tmp)
@@ -110,10 +147,17 @@ def clean_partial(run_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load trainable weights into the model; return (training_state, trainer_state). RNG is not restored
-    here: the loop does that last, right before training continues."""
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, load_weights: Callable[[dict[str, torch.Tensor]], None] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load trainable weights into the model (through `load_weights` when given, e.g. into shards); return
+    (training_state, trainer_state). RNG is not restored here: the loop does that last, right before training
+    continues."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    if load_weights is None:
+        load_trainable_state(model, weights)
+    else:
+        load_weights(weights)
     training_state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     return training_state, trainer_state

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.errors import RunStopped
+from tunelab.errors import RunStopped, UserError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.distributed import Parallel
 from tunelab.train.ema import WeightEMA
 from tunelab.train.optim import create_optimizer, create_scheduler
 
@@ -37,7 +38,9 @@ class TrainingJob:
     targets_in: Callable[[dict[str, torch.Tensor]], int]  # positions the loss is summed over (normalisation)
     loss_sum: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # summed, not averaged
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None  # valid metrics ("loss" among them); None: none
-    save_weights: Callable[[torch.nn.Module, Path], None]  # loadable weights (adapter or model) into a folder
+    # Loadable weights (adapter or model) into a folder. Under fsdp / deepspeed it gets a third argument, the whole
+    # trainable tensors gathered from the shards, to pass to save_pretrained(state_dict=...).
+    save_weights: Callable[..., None]
     units_in: Callable[[dict[str, torch.Tensor]], int]  # tokens or samples, for throughput
     unit: str = "tokens"
     # Optional: per-example sampling weights; each epoch then draws len(train_data) examples with replacement
@@ -82,30 +85,45 @@ def accumulate_window(
     micro_batches: list[dict[str, torch.Tensor]],
     accelerator: Any,
     check_finite: bool = True,
-) -> tuple[torch.Tensor, int]:
+    parallel: Parallel | None = None,
+    stand_ins: int = 0,
+) -> tuple[torch.Tensor, Any]:
     """Forward and backward over one accumulation window; returns (summed loss as a 0-d tensor, window target
-    count).
+    count, a 0-d device tensor with several processes).
 
     Each micro-batch's summed loss is divided by the targets of the whole window on all processes, so the
     accumulated gradient is the gradient of the window's mean loss whatever the micro-batch split.
     With check_finite, raises NonFinite on a non-finite loss before its backward (and before any optimizer
     step); that check waits for the device, so the loop defers it on CUDA (see Loop.check_pending).
+
+    The last `stand_ins` micro-batches repeat a real one so that this process runs as many forwards and backwards
+    as the others when an epoch's last window is short: their loss counts 0, but DDP's all-reduce, FSDP's gathers
+    and ZeRO's reductions stay in step across processes.
     """
+    parallel = parallel or Parallel(accelerator, None)
     world = accelerator.num_processes
-    window_targets = _global_sum(accelerator, sum(job.targets_in(b) for b in micro_batches))
+    real = len(micro_batches) - stand_ins
+    window_targets: Any = sum(job.targets_in(b) for b in micro_batches[:real])
+    if world > 1:
+        # summed on the device and left there: reading it back would stall every step until the GPU is idle
+        window_targets = accelerator.reduce(
+            torch.tensor(float(window_targets), device=accelerator.device), reduction="sum"
+        ).clamp(min=1)
     loss_total = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(micro_batches):
         # non_blocking: a pinned batch (loader workers pin on CUDA) is copied without stalling the host
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
-        sync = index == len(micro_batches) - 1
-        with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+        last = index == len(micro_batches) - 1
+        with parallel.sync_gradients(model, last), accelerator.autocast():
             loss = job.loss_sum(model, batch)
         if check_finite and not torch.isfinite(loss):
             raise NonFinite("loss", float(loss.detach()))
-        # DDP averages gradients over processes; multiply back so the result is sum / window_targets.
-        accelerator.backward(loss * world / max(window_targets, 1))
+        if index >= real:
+            loss = loss * 0.0
+        # DDP and FSDP average gradients over processes; multiply back so the result is sum / window_targets.
+        parallel.backward(loss * world / (window_targets if world > 1 else max(window_targets, 1)), last)
         loss_total = loss_total + loss.detach().float()
-    return loss_total, int(window_targets)
+    return loss_total, window_targets
 
 
 class NonFinite(Exception):
@@ -152,9 +170,11 @@ class Loop:
         self.window_size = self.train.grad_accum * self.world
         steps_per_epoch = math.ceil(self.n_batches / self.window_size)
         self.total_steps = self.train.max_steps or max(1, math.ceil(self.train.epochs * steps_per_epoch))
-        optimizer = create_optimizer(job.model, self.train)
+        self.parallel = Parallel(accelerator, self.train)
+        self.model, self.optimizer, optimizer = self.parallel.prepare(
+            job.model, lambda model: create_optimizer(model, self.train)
+        )
         self.scheduler = create_scheduler(optimizer, self.train, self.total_steps)
-        self.model, self.optimizer = accelerator.prepare(job.model, optimizer)
         self.ema = WeightEMA(self.unwrapped, self.train.ema) if self.train.ema else None
         self.mode = metric_mode(self.train.early_stop.metric, self.train.early_stop.mode)
         self.state: dict[str, Any] = {
@@ -176,7 +196,7 @@ class Loop:
     def guards_norm(self) -> bool:
         """Whether a non-finite gradient norm stops the run: not under fp16, whose loss scaler produces inf norms
         on purpose (and then skips the step)."""
-        return self.accelerator.mixed_precision != "fp16"
+        return not self.parallel.scales_loss
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -184,15 +204,47 @@ class Loop:
         return self.accelerator.unwrap_model(self.model)
 
     def resume(self, path: Path) -> None:
-        """Load a checkpoint: weights, optimizer, scheduler, EMA, position, and RNG states last."""
-        training_state, self.state = ckpt.load_checkpoint(path, self.unwrapped)
-        self.optimizer.load_state_dict(training_state["optimizer"])
+        """Load a checkpoint: weights, optimizer, scheduler, EMA, position, and RNG states last. Whole tensors are
+        cut into this process's shards, so a checkpoint resumes on another number of processes."""
+        parallel = self.parallel
+
+        def load_weights(weights: dict[str, torch.Tensor]) -> None:
+            if not parallel.deepspeed:  # DeepSpeed restores weights and their fp32 masters from its own files
+                parallel.load_trainable_state(self.model, weights)
+
+        training_state, self.state = ckpt.load_checkpoint(path, self.unwrapped, load_weights)
+        self.resume_optimizer(path, training_state)
         self.scheduler.load_state_dict(training_state["scheduler"])
         if self.ema is not None and training_state.get("ema"):
-            self.ema.load_state_dict(training_state["ema"])
+            saved = training_state["ema"]
+            self.ema.load_state_dict(parallel.shard_tensors(saved, self.ema.shadow) if parallel.gathers else saved)
         patience = self.train.early_stop.patience
         self.stopped_early = bool(patience and self.state["bad_evals"] >= patience)
-        ckpt.set_rng_state(training_state["rng"])  # last, so nothing above draws from the restored streams
+        ranks = training_state.get("rng_ranks")
+        # each process continues its own streams when the process count is unchanged, else rank 0's
+        if ranks and len(ranks) == self.world:
+            rng = ckpt.unpack_rng_state(ranks[self.accelerator.process_index])
+        else:
+            rng = training_state["rng"]
+        ckpt.set_rng_state(rng)  # last, so nothing above draws from the restored streams
+
+    def resume_optimizer(self, path: Path, training_state: dict[str, Any]) -> None:
+        """The optimizer state of a checkpoint. Every checkpoint holds it whole, which one process, ddp or fsdp on
+        any number of processes read; DeepSpeed reads its own shards, written by DeepSpeed with the same ZeRO
+        stage on as many processes."""
+        saved_by = training_state.get("deepspeed") or {"strategy": "a run without DeepSpeed"}
+        if not self.parallel.deepspeed:
+            self.parallel.load_optimizer_state(self.optimizer, training_state["optimizer"])
+            return
+        if saved_by["strategy"] != self.parallel.kind or saved_by.get("processes") != self.world:
+            where = f" on {saved_by['processes']} processes" if "processes" in saved_by else ""
+            raise UserError(
+                f"--resume: {path} was written by {saved_by['strategy']}{where}; train.distributed "
+                f"{self.parallel.kind} on {self.world} processes resumes only its own DeepSpeed shards. Continue with "
+                "the setting and --gpus it was trained with, or with train.distributed fsdp / ddp (or one process), "
+                "which read any checkpoint."
+            )
+        self.parallel.load_engine(path / "deepspeed")
 
     def epoch_batches(self) -> list[list[int]]:
         """This epoch's micro-batches (computed once per epoch)."""
@@ -205,17 +257,25 @@ class Loop:
                 data.set_epoch(epoch)
         return self._batches[1]
 
+    def process_share(self, window: list[list[int]]) -> tuple[list[list[int]], int]:
+        """(this process's micro-batches of a window, how many of them are stand-ins): every world-th one, plus
+        copies of the window's first when the window is too short for every process to get as many (see
+        accumulate_window)."""
+        mine = window[self.accelerator.process_index :: self.world]
+        stand_ins = math.ceil(len(window) / self.world) - len(mine)
+        return mine + window[:1] * stand_ins, stand_ins
+
     def micro_batches(self, mine: list[list[int]]) -> list[dict[str, torch.Tensor]]:
         """Collated micro-batches for this process's share of the window; read ahead by workers when the job
         has them (a DataLoader over the rest of this epoch's planned batches, in the same order)."""
         if not self.job.num_workers:
             return [self.job.collate([self.job.train_data[i] for i in batch]) for batch in mine]
         if self._loader is None:
-            batches, rank = self._batches[1], self.accelerator.process_index
+            batches = self._batches[1]
             planned = [
                 batch
                 for start in range(self.state["batch"], len(batches), self.window_size)
-                for batch in batches[start : start + self.window_size][rank :: self.world]
+                for batch in self.process_share(batches[start : start + self.window_size])[0]
             ]
             self._loader = iter(
                 torch.utils.data.DataLoader(
@@ -247,10 +307,12 @@ class Loop:
             started = time.perf_counter()
             batches = self.epoch_batches()
             window = batches[self.state["batch"] : self.state["batch"] + self.window_size]
-            mine = window[self.accelerator.process_index :: self.world]
+            mine, stand_ins = self.process_share(window)
             micro = self.micro_batches(mine)
-            units += sum(self.job.units_in(batch) for batch in micro)
-            loss_total, targets = accumulate_window(self.job, self.model, micro, self.accelerator, not defer)
+            units += sum(self.job.units_in(batch) for batch in micro[: len(micro) - stand_ins])
+            loss_total, targets = accumulate_window(
+                self.job, self.model, micro, self.accelerator, not defer, self.parallel, stand_ins
+            )
             grad_norm, lr = self.optimizer_step(check_finite=not defer)
             pending.append((self.state["step"] + 1, loss_total, grad_norm if self.guards_norm else None))
             self.state["step"] += 1
@@ -272,7 +334,7 @@ class Loop:
                 check_pending(pending)
                 pending = []
             if log_now:
-                loss = float(_global_sum(self.accelerator, loss_total)) / max(targets, 1)
+                loss = float(_global_sum(self.accelerator, loss_total)) / max(float(targets), 1)
                 norm = None if grad_norm is None else float(grad_norm)
                 self.log_train(loss, lr, norm, _global_sum(self.accelerator, units), seconds)
                 units, seconds = 0, 0.0
@@ -288,12 +350,15 @@ class Loop:
         With check_finite, a non-finite norm raises NonFinite before the step (else check_pending reads it)."""
         grad_norm = None
         if self.train.max_grad_norm is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
+            grad_norm = self.parallel.clip_grad_norm(self.model, self.train.max_grad_norm)
+        if grad_norm is not None:
             grad_norm = torch.as_tensor(grad_norm).detach().float()
             if check_finite and self.guards_norm and not torch.isfinite(grad_norm):
                 raise NonFinite("gradient norm", float(grad_norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        engine_norm = self.parallel.step(self.optimizer)  # DeepSpeed clips inside its step and reports the norm
+        if engine_norm is not None:
+            grad_norm = torch.as_tensor(float(engine_norm))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -320,7 +385,7 @@ class Loop:
             "lr": lr,
             "grad_norm": grad_norm,
             f"{self.job.unit}_per_s": rate,
-            "mem_gib": _memory_gib(self.accelerator.device),
+            "mem_gib": self.peak_memory_gib(),
         }
         self.log.write(record)
         self.progress.update(self.state["step"], record)
@@ -330,10 +395,19 @@ class Loop:
         return self.ema.applied(self.unwrapped) if self.ema else nullcontext()
 
     def save_best(self) -> None:
-        """Replace best/ with the current (or EMA) weights."""
-        if self.accelerator.is_main_process:
-            with self.weights_for_eval():
-                ckpt.replace_folder(self.run_dir / "best", lambda folder: self.job.save_weights(self.unwrapped, folder))
+        """Replace best/ with the current (or EMA) weights (gathered from the shards first, by every process)."""
+        with self.weights_for_eval():
+            weights = self.parallel.trainable_state(self.model) if self.parallel.gathers else None
+            if self.accelerator.is_main_process:
+                ckpt.replace_folder(self.run_dir / "best", lambda folder: self.save_weights(folder, weights))
+
+    def save_weights(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        """The job's loadable weights into `folder`; sharded models pass their gathered trainable tensors, which
+        peft's and transformers' save_pretrained take as state_dict."""
+        if weights is None:
+            self.job.save_weights(self.unwrapped, folder)
+        else:
+            self.job.save_weights(self.unwrapped, folder, weights)
 
     def evaluate(self, step: int) -> None:
         """Validation metrics; best/ and early stopping follow the configured metric."""
@@ -382,13 +456,30 @@ class Loop:
             self.progress.print(f"early stop at step {step}: no better {metric} in {patience} evaluations")
 
     def save(self, step: int) -> None:
-        """A complete, resumable checkpoint (rank 0 writes)."""
-        if not self.accelerator.is_main_process:
+        """A complete, resumable checkpoint in the single-process format: sharded tensors are gathered whole by
+        every process, then rank 0 writes (DeepSpeed's optimizer shards are written by each process)."""
+        parallel, main = self.parallel, self.accelerator.is_main_process
+        weights = parallel.trainable_state(self.model) if parallel.gathers else None
+        optimizer_state = parallel.optimizer_state(self.optimizer, self.model, self.state["step"])
+        ema = None
+        if self.ema is not None:
+            ema = parallel.whole_tensors(self.ema.state_dict()) if parallel.gathers else self.ema.state_dict()
+        # each process's own streams, so a resume on as many processes continues each exactly
+        rng_ranks = ckpt.gather_rng_states() if self.world > 1 else None
+        if parallel.deepspeed:
+            if main:
+                ckpt.fresh_folder(ckpt.temporary_folder(self.run_dir, step))
+            self.accelerator.wait_for_everyone()
+            parallel.save_engine(ckpt.temporary_folder(self.run_dir, step) / "deepspeed")
+            self.accelerator.wait_for_everyone()
+        if not main:
             return
         training_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": ema,
+            "rng_ranks": rng_ranks,
+            "deepspeed": {"strategy": parallel.kind, "processes": self.world} if parallel.deepspeed else None,
         }
         ckpt.save_checkpoint(
             self.run_dir,
@@ -396,8 +487,10 @@ class Loop:
             self.unwrapped,
             training_state,
             dict(self.state),
-            lambda folder: self.job.save_weights(self.unwrapped, folder),
+            lambda folder: self.save_weights(folder, weights),
             self.config.output.keep_last,
+            weights=weights,
+            fresh=not parallel.deepspeed,
         )
 
     def stop_nonfinite(self, error: NonFinite) -> None:
@@ -414,6 +507,14 @@ class Loop:
             f"`tunelab diagnose {self.run_dir}` reads the curves."
         )
 
+    def peak_memory_gib(self) -> float | None:
+        """Peak allocated GPU memory so far, of the most loaded GPU when there are several (collective)."""
+        peak = _memory_gib(self.accelerator.device)
+        if peak is None or self.world == 1:
+            return peak
+        most = self.accelerator.reduce(torch.tensor(peak, device=self.accelerator.device), reduction="max")
+        return round(float(most), 3)
+
     def summary(self) -> dict[str, Any]:
         """What summary.json reports about training."""
         seconds = self.state["seconds"]
@@ -429,7 +530,7 @@ class Loop:
             "final": self.last_eval,
             "stopped_early": self.stopped_early,
             f"{self.job.unit}_per_s": self.state["units"] / seconds if seconds else None,
-            "peak_mem_gib": _memory_gib(self.accelerator.device),
+            "peak_mem_gib": self.peak_memory_gib(),
         }
 
 

@@ -61,11 +61,13 @@ def configure_cuda_allocator() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
-def preflight(config: RunConfig, resume: bool) -> None:
+def preflight(config: RunConfig, resume: bool, processes: int | None = None) -> None:
     """Checks that cost nothing and must fail before any work (loading a model, tokenizing, making the run
-    folder): an occupied run folder, missing data files, quantization this machine cannot do, a missing package."""
+    folder): an occupied run folder, missing data files, quantization this machine cannot do, a missing package,
+    a train.distributed that cannot run with `processes` (default: this launch's)."""
     from tunelab.data.readers import require_file
     from tunelab.models.load import check_quantization
+    from tunelab.train.distributed import check_distributed
 
     configure_cuda_allocator()
     check_run_folder(config, resume)
@@ -75,6 +77,7 @@ def preflight(config: RunConfig, resume: bool) -> None:
     if config.data.valid:
         require_file(config.data.valid, "data.valid")
     check_quantization(config.model, config.method.kind)
+    check_distributed(config, processes)
     if config.train.tensorboard:
         import importlib.util
 
@@ -150,18 +153,17 @@ def write_config(run_dir: Path, config: RunConfig) -> None:
     (run_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
 
 
-def make_accelerator(dtype: torch.dtype) -> Any:
+def make_accelerator(dtype: torch.dtype, config: RunConfig | None = None) -> Any:
     """An Accelerator whose mixed precision matches the model dtype (none on CPU). Under torchrun or
-    `accelerate launch` it joins the process group (NCCL on GPUs, gloo on CPUs)."""
-    from accelerate import Accelerator
+    `accelerate launch` it joins the process group (NCCL on GPUs, gloo on CPUs); with `config`, it follows
+    train.distributed (DeepSpeed's plugin for deepspeed-*; see train/distributed.py)."""
+    from tunelab.train import distributed
 
-    cuda = torch.cuda.is_available()
-    precision = "no"
-    if cuda and dtype == torch.bfloat16:
-        precision = "bf16"
-    elif cuda and dtype == torch.float16:
-        precision = "fp16"
-    return Accelerator(mixed_precision=precision, cpu=not cuda)
+    if config is not None:
+        from tunelab.track.progress import console
+
+        distributed.note_single_process(config, distributed.process_count(), console.print)
+    return distributed.make_accelerator(dtype, config)
 
 
 def finish_run(run_dir: Path, summary: dict[str, Any], started: float, extra: dict[str, Any] | None = None) -> dict:
