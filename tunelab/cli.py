@@ -64,7 +64,11 @@ def _task_module(task: str):  # noqa: ANN202 - a module
         from tunelab.tasks import image_cls
 
         return image_cls
-    raise UserError(f"task '{task}' is not available in this version. Available: sft, summarize, image_cls.")
+    if task == "mcqa":
+        from tunelab.tasks import mcqa
+
+        return mcqa
+    raise UserError(f"task '{task}' is not available in this version. Available: sft, summarize, image_cls, mcqa.")
 
 
 @app.command()

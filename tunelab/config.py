@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.errors import UserError
 
-TaskName = Literal["sft", "image_cls", "summarize"]
+TaskName = Literal["sft", "image_cls", "summarize", "mcqa"]
 MethodKind = Literal["lora", "qlora", "dora", "full", "freeze", "prefix", "prompt", "ia3"]
 
 
@@ -60,12 +60,30 @@ class ModelConfig(Section):
         "folder (safetensors, or a state dict read with torch.load(weights_only=True)). The head is replaced.",
     )
     image_size: int | None = Field(
-        None, ge=16, description="image_cls: input size in pixels; null: the model's own pretrained size."
+        None,
+        ge=16,
+        description="image_cls: input size in pixels; null: the model's own pretrained size. mcqa: images are "
+        "resized to about image_size x image_size pixels (the processor's min and max pixels, e.g. 448 for "
+        "Qwen2-VL); null: the processor's own setting.",
     )
     drop_path: float = Field(0.1, ge=0, lt=1, description="image_cls: stochastic depth rate (timm drop_path_rate).")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="image_cls: dropout before the classifier head.")
     channels_last: bool = Field(True, description="image_cls: NHWC memory layout on CUDA (faster convolutions).")
     compile: bool = Field(False, description="image_cls: torch.compile the model (slow first steps, faster after).")
+
+
+class TrainPartsConfig(Section):
+    """mcqa: the parts of a vision-language model and their learning rates (seed 004's component strategy)."""
+
+    vision: bool = Field(
+        False, description="Train the vision encoder's full weights (frozen by default: its features are already good)."
+    )
+    projector: bool = Field(True, description="Train the projector that maps vision features into the language model.")
+    vision_lr: float = Field(0.1, gt=0, description="Learning-rate multiplier of the vision encoder when it trains.")
+    projector_lr: float = Field(1.0, gt=0, description="Learning-rate multiplier of the projector.")
+    language_lr: float = Field(
+        1.0, gt=0, description="Learning-rate multiplier of the language model's trained weights (LoRA or full)."
+    )
 
 
 class MethodConfig(Section):
@@ -87,6 +105,10 @@ class MethodConfig(Section):
         "(the output head and final norm are trained too).",
     )
     num_virtual_tokens: int = Field(20, ge=1, description="prefix / prompt tuning: number of virtual tokens.")
+    train_parts: TrainPartsConfig = Field(
+        default_factory=lambda: TrainPartsConfig(),
+        description="mcqa: which parts of a vision-language model train (the language model follows method.kind).",
+    )
 
 
 class ColumnsConfig(Section):
@@ -102,8 +124,17 @@ class ColumnsConfig(Section):
         description="summarize: the reference summary column; a list of columns, or a JSONL list value, gives "
         "several references (training uses the first, ROUGE all of them).",
     )
-    image: str = Field("image", description="image_cls: column with the image path (relative to data.image_root).")
+    image: str = Field(
+        "image", description="image_cls, mcqa: column with the image path (relative to data.image_root)."
+    )
     label: str = Field("label", description="image_cls: column with the class label.")
+    question: str = Field("question", description="mcqa: the question column.")
+    choices: list[str] | str | None = Field(
+        None,
+        description="mcqa: the choice columns in letter order (a, b, c, ...: 2 to 8), or one column holding a list "
+        "(JSONL); null: the columns named a, b, c, ... (or A, B, C, ...) that the file has.",
+    )
+    answer: str = Field("answer", description="mcqa: the answer column (a choice letter; case is ignored).")
 
 
 class DataConfig(Section):
@@ -165,7 +196,7 @@ class DataConfig(Section):
 
     image_root: str | None = Field(
         None,
-        description="image_cls: folder that image paths in a CSV are relative to (default: the CSV's folder); "
+        description="image_cls, mcqa: folder that image paths in a CSV are relative to (default: the CSV's folder); "
         "no image may resolve outside it. data.train may also be a folder with one subfolder per class.",
     )
     sampler: Literal["shuffle", "balanced"] = Field(
@@ -178,19 +209,19 @@ class DataConfig(Section):
     )
     skip_bad_images: bool = Field(
         False,
-        description="image_cls: skip unreadable (corrupt, truncated, empty) images and report them, instead of "
+        description="image_cls, mcqa: skip unreadable (corrupt, truncated, empty) images and report them, instead of "
         "stopping with the list.",
     )
     max_image_pixels: int | None = Field(
         None,
         ge=1,
-        description="image_cls: largest image (width x height) that is decoded; larger files are refused as "
+        description="image_cls, mcqa: largest image (width x height) that is decoded; larger files are refused as "
         "decompression bombs. null: Pillow's default (89,478,485).",
     )
     num_workers: int | None = Field(
         None,
         ge=0,
-        description="image_cls: processes that decode and augment images ahead of the GPU; null: "
+        description="image_cls, mcqa: processes that decode and augment images ahead of the GPU; null: "
         "min(8, CPUs - 1) on CUDA, 0 on a CPU. Results do not depend on it (augmentation is seeded per image).",
     )
 
@@ -217,7 +248,18 @@ class AugmentConfig(Section):
     mixup_prob: float = Field(1.0, ge=0, le=1, description="Probability of applying mixup or cutmix to a batch.")
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="Probability of cutmix when both are on.")
     mixup_mode: Literal["batch", "pair", "elem"] = Field("batch", description="How mixup parameters are drawn.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing (inside the mixup targets).")
+    label_smoothing: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Label smoothing (image_cls: inside the mixup targets; mcqa: spread over the choice letters "
+        "only, not the whole vocabulary).",
+    )
+    shuffle_choices: bool = Field(
+        True,
+        description="mcqa: show each training example's choices in a new random order every epoch (the answer letter "
+        "follows its choice), so the model cannot learn a position bias.",
+    )
     ema: float | None = Field(
         0.9998,
         gt=0,
@@ -321,10 +363,15 @@ class EvalConfig(Section):
     rouge_references: Literal["avg", "max"] = Field(
         "avg", description="summarize: with several references, average their ROUGE F1 or keep the best."
     )
-    tta: bool = Field(
+    tta: bool | Literal["permute"] = Field(
         True,
         description="image_cls: test-time augmentation in eval / predict: average the probabilities of the image, "
-        "its horizontal flip (only when augment.hflip > 0) and the tta_scales.",
+        "its horizontal flip (only when augment.hflip > 0) and the tta_scales. mcqa: 'permute' scores every question "
+        "with its choices in eval.tta_permutations cyclic orders and averages each original choice's probability "
+        "(cancels position bias); true / false: one pass in the file's order.",
+    )
+    tta_permutations: int | None = Field(
+        None, ge=2, description="mcqa, eval.tta permute: cyclic orders per question; null: as many as it has choices."
     )
     tta_scales: list[float] = Field(
         [1.0], description="image_cls: TTA input sizes as multiples of the model's size, e.g. [0.875, 1.0, 1.143]."
@@ -341,7 +388,7 @@ class OutputConfig(Section):
 class RunConfig(Section):
     """A whole run: the task, the model, the method, the data, training, evaluation and output."""
 
-    task: TaskName = Field("sft", description="Workflow: sft | image_cls | summarize.")
+    task: TaskName = Field("sft", description="Workflow: sft | image_cls | summarize | mcqa.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="How the model is adapted.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data files and preprocessing.")

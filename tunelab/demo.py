@@ -19,8 +19,12 @@ def run_demo(task: str, out: Path | None, overrides: list[str]) -> Path:
         from tunelab.tasks.image_cls_demo import run_image_cls_demo
 
         return run_image_cls_demo(out, overrides)
+    if task == "mcqa":
+        from tunelab.tasks.mcqa_demo import run_mcqa_demo
+
+        return run_mcqa_demo(out, overrides)
     if task != "sft":
-        raise UserError(f"No demo for task '{task}' in this version. Available: sft, summarize, image_cls.")
+        raise UserError(f"No demo for task '{task}' in this version. Available: sft, summarize, image_cls, mcqa.")
     from rich.console import Console
     from rich.table import Table
 

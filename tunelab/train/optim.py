@@ -9,31 +9,41 @@ import torch
 
 from tunelab.config import TrainConfig
 
+LR_SCALE_ATTRIBUTE = "lr_scale"  # a float set on a parameter: its learning rate is train.lr times it
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed (matrices) and not decayed (norm weights, biases, 1-D tensors).
+    """Trainable parameters split into decayed (matrices) and not decayed (norm weights, biases, 1-D tensors), and
+    by learning-rate multiplier: a parameter carrying an `lr_scale` attribute (mcqa's per-part rates, set by
+    tunelab.models.vlm) gets its own group with that multiplier (key "lr_scale").
 
     Decay on norm gains and biases only pulls them to zero without regularising anything (the convention of
     BERT, GPT-2 and timm's param_groups_weight_decay)."""
-    decay, no_decay = [], []
+    buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower():
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
+        no_decay = parameter.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower()
+        scale = float(getattr(parameter, LR_SCALE_ATTRIBUTE, 1.0))
+        buckets.setdefault((scale, no_decay), []).append(parameter)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    # groups at train.lr first: the loop logs the first group's rate
+    for (scale, no_decay), params in sorted(
+        buckets.items(), key=lambda item: (item[0][0] != 1.0, -item[0][0], item[0][1])
+    ):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        groups.append(group)
     return groups
 
 
 def create_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (fused on CUDA where torch has it)."""
+    """AdamW over the trainable parameters (fused on CUDA where torch has it); a group with an lr_scale starts
+    at train.lr times it (the schedule then multiplies every group's own rate)."""
     groups = param_groups(model, train.weight_decay)
+    for group in groups:
+        group["lr"] = train.lr * group.get("lr_scale", 1.0)
     fused = all(p.is_cuda for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, fused=fused or None)
 

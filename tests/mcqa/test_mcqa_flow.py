@@ -1,0 +1,75 @@
+"""mcqa end to end through the command line on tiny random Qwen2-VL and LLaVA-style models: train, eval (with
+permutation TTA), predict (submission in the test file's order, probs.csv), export, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from vlm_fixtures import read_json, write_config
+
+from tunelab.cli import main
+
+
+def run_cli(*argv: object) -> int:
+    """The command line in-process."""
+    return main([str(a) for a in argv])
+
+
+def test_train_eval_predict_export(vlm_dir: Path, qa_ws: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_config(qa_ws, vlm_dir, eval={"batch_size": 8, "tta": "permute"})
+    assert run_cli("train", config) == 0
+    run = qa_ws / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["event"] == "start")
+    parts = {row["part"]: row for row in start["parameter_groups"]}
+    assert parts["vision"]["trainable"] == 0 and parts["projector"]["trainable"] > 0
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and all(0.0 <= r["accuracy"] <= 1.0 for r in evals)
+    summary = read_json(run / "summary.json")
+    assert summary["best"]["metric"] == "accuracy" and summary["samples_per_s"] > 0
+    assert (run / "best" / "adapter_config.json").exists() and (run / "best" / "processor_config.json").exists()
+    capsys.readouterr()
+
+    assert run_cli("eval", run) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tta"] == "permute" and result["questions"] == 6 and 0.0 <= result["accuracy"] <= 1.0
+
+    out = qa_ws / "sub" / "submission.csv"
+    assert run_cli("predict", run, "--data", qa_ws / "test.csv", "--out", out) == 0
+    submission = pd.read_csv(out, dtype=str)
+    test = pd.read_csv(qa_ws / "test.csv", dtype=str)
+    assert list(submission.columns) == ["id", "answer"]
+    assert submission["id"].tolist() == test["id"].tolist()  # the test file's order and ids
+    assert set(submission["answer"]) <= set("abcd")
+    probs = pd.read_csv(out.with_name("probs.csv"))
+    assert list(probs.columns) == ["id", "prob_a", "prob_b", "prob_c", "prob_d"]
+    assert probs[["prob_a", "prob_b", "prob_c", "prob_d"]].sum(axis=1).round(4).eq(1.0).all()
+    picked = probs[["prob_a", "prob_b", "prob_c", "prob_d"]].to_numpy().argmax(axis=1)
+    assert ["abcd"[k] for k in picked] == submission["answer"].tolist()
+
+    assert run_cli("export", run, "--out", qa_ws / "merged", "--merge") == 0
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoModelForImageTextToText.from_pretrained(qa_ws / "merged")
+    AutoProcessor.from_pretrained(qa_ws / "merged")
+
+
+def test_resume_continues_exactly(vlm_dirs: dict[str, Path], qa_ws: Path) -> None:
+    import shutil
+
+    model_dir = vlm_dirs["llava"]
+    full = write_config(qa_ws, model_dir, name="full", output={"keep_last": 3})
+    assert run_cli("train", full) == 0
+    # a run killed after its step-2 checkpoint: the same folder without what came later
+    shutil.copytree(qa_ws / "full", qa_ws / "cut")
+    shutil.rmtree(qa_ws / "cut" / "checkpoints" / "step-000004")
+    cut = write_config(qa_ws, model_dir, name="cut", output={"keep_last": 3})
+    assert run_cli("train", cut, "--resume") == 0
+    losses = {}
+    for name in ("full", "cut"):
+        records = [json.loads(line) for line in (qa_ws / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [(r["step"], round(r["loss"], 5)) for r in records if r["event"] == "train"]
+    assert losses["cut"] == losses["full"] and len(losses["full"]) == 4

@@ -1,0 +1,310 @@
+"""Vision-language models for mcqa: AutoModelForImageTextToText + AutoProcessor from a hub id, a local folder or an
+embedded name, the processor's image size, and the parts of the model (vision encoder, projector, language model)
+with what trains in each and at which learning rate (seed 004's component strategy).
+
+The parts are found by module name, which every image-text-to-text family in transformers spells one of a few
+ways: Qwen2-VL / Qwen2.5-VL `visual` with its `merger`, LLaVA-style `vision_tower` + `multi_modal_projector`,
+Idefics3 / SmolVLM `vision_model` + `connector`. Everything else (decoder, embeddings, head) is the language model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config import MethodConfig, ModelConfig, TrainPartsConfig
+from tunelab.errors import UserError
+
+VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
+PROJECTOR_NAMES = ("multi_modal_projector", "merger", "connector", "mm_projector")
+PARTS = ("vision", "projector", "language")
+VLM_METHODS = ("lora", "qlora", "dora", "full")
+
+
+def part_of(name: str) -> str:
+    """'vision', 'projector' or 'language' for a parameter or module name (the projector may sit inside the vision
+    encoder, as Qwen2-VL's visual.merger, so it is looked for first)."""
+    pieces = name.split(".")
+    if any(piece in PROJECTOR_NAMES for piece in pieces):
+        return "projector"
+    if any(piece in VISION_NAMES for piece in pieces):
+        return "vision"
+    return "language"
+
+
+def part_roots(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The outermost module names of the vision encoder and the projector (e.g. model.visual, model.visual.merger)."""
+    roots: dict[str, list[str]] = {"vision": [], "projector": []}
+    for name, _ in model.named_modules():
+        part = part_of(name) if name else "language"
+        if part == "language":
+            continue
+        leaf = name.split(".")[-1]
+        if leaf in (PROJECTOR_NAMES if part == "projector" else VISION_NAMES):
+            if not any(name.startswith(root + ".") for root in roots[part]):
+                roots[part].append(name)
+    return roots
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def resolve_vlm_path(name: str, log: Any = None) -> str:
+    """Embedded VLM names become their assembled cache folder; hub ids and folders pass through."""
+    from tunelab.models import embedded_vlm
+
+    if embedded_vlm.is_embedded(name) and not Path(name).is_dir():
+        return str(embedded_vlm.embedded_vlm_dir(name, log=log))
+    return name
+
+
+def load_processor(config: ModelConfig, path: str | None = None, apply_size: bool = True) -> Any:
+    """AutoProcessor with model.image_size applied (min = max pixels = image_size^2 where the processor has them);
+    apply_size False for a run's saved processor, which already has it."""
+    from transformers import AutoProcessor
+
+    from tunelab.models.load import check_model_source
+
+    path = path or resolve_vlm_path(config.name)
+    if apply_size:  # a run's saved processor sits beside an adapter, which check_model_source rightly refuses
+        check_model_source(path)
+    try:
+        processor = AutoProcessor.from_pretrained(
+            path, trust_remote_code=config.trust_remote_code, revision=config.revision
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise UserError(
+            f"Could not load a processor (image processor + tokenizer) from '{config.name}': "
+            f"{str(error).strip().rstrip('.')}. mcqa needs an image-text-to-text model folder with its processor "
+            "files (preprocessor_config.json, tokenizer files), a reachable hub id, or the embedded "
+            "'llava-mobilenetv2-smollm2'."
+        ) from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise UserError(
+            f"'{config.name}' has a {type(processor).__name__}, not a vision-language processor (image processor + "
+            "tokenizer). mcqa needs an image-text-to-text model such as Qwen2.5-VL or a LLaVA-style model."
+        )
+    if config.image_size and apply_size:
+        set_image_size(processor, config.image_size, config.name)
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:  # only fills masked positions; eos is safe because the loss never reads it
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # every row ends at the answer position, so one logits_to_keep serves all
+    return processor
+
+
+def set_image_size(processor: Any, size: int, model_name: str) -> None:
+    """Resize images to about size x size pixels: Qwen2-VL-style processors through min / max pixels (the seed's
+    IMAGE_SIZE 384 -> 448), size-free CNN encoders (the embedded model) through resize and crop sizes."""
+    images = processor.image_processor
+    pixels = size * size
+    # Qwen2-VL-style: a pixel budget (min_pixels / max_pixels; transformers 5 keeps it as size's shortest_edge /
+    # longest_edge, in pixels) and a merge size
+    if hasattr(images, "min_pixels") or hasattr(images, "merge_size"):
+        if hasattr(images, "min_pixels"):
+            images.min_pixels, images.max_pixels = pixels, pixels
+        if getattr(images, "size", None) is not None and _get(images.size, "longest_edge") is not None:
+            images.size = type(images.size)(**{**dict(images.size), "shortest_edge": pixels, "longest_edge": pixels})
+        return
+    if _is_embedded_folder(processor):
+        images.size = {"shortest_edge": size}
+        images.crop_size = {"height": size, "width": size}
+        return
+    raise UserError(
+        f"model.image_size={size}: the processor of '{model_name}' ({type(images).__name__}) has a fixed input size "
+        "set by its vision encoder. Set model.image_size: null for this model."
+    )
+
+
+def _get(size: Any, key: str) -> Any:
+    """A key of a size dict (a dict, or transformers 5's SizeDict)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _is_embedded_folder(processor: Any) -> bool:
+    from tunelab.models.embedded_vlm import MARKER_FILE
+
+    folder = getattr(processor.tokenizer, "name_or_path", "") or ""
+    return bool(folder) and (Path(folder) / MARKER_FILE).is_file()
+
+
+def load_vlm(config: ModelConfig, method_kind: str, device: torch.device, path: str | None = None) -> torch.nn.Module:
+    """AutoModelForImageTextToText with dtype, attention and quantization resolved for `device`. QLoRA quantizes
+    the language model only: the vision encoder and projector stay in the compute dtype."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from tunelab.models.load import check_model_source, quantization_config, resolve_dtype
+
+    path = path or resolve_vlm_path(config.name)
+    check_model_source(path)
+    dtype = resolve_dtype(config.dtype, device)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": config.trust_remote_code,
+        "revision": config.revision,
+    }
+    if config.attn_implementation != "auto":
+        kwargs["attn_implementation"] = config.attn_implementation
+    quant = quantization_config(config, method_kind, dtype)
+    try:
+        model_config = AutoConfig.from_pretrained(
+            path, trust_remote_code=config.trust_remote_code, revision=config.revision
+        )
+        if quant is not None:
+            quant.llm_int8_skip_modules = [*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"]
+            kwargs["quantization_config"] = quant
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        kind = getattr(locals().get("model_config"), "model_type", None)
+        what = f" (its model_type is '{kind}', which is not an image-text-to-text model)" if kind else ""
+        raise UserError(
+            f"Could not load an image-text-to-text model from '{config.name}'{what}: "
+            f"{str(error).strip().rstrip('.')[:300]}. mcqa needs a vision-language model (Qwen2-VL, Qwen2.5-VL, "
+            "LLaVA-style, Idefics3 / SmolVLM) as a folder or a reachable hub id, or the embedded "
+            "'llava-mobilenetv2-smollm2'."
+        ) from None
+    if model.config.get_text_config().use_cache is not None:
+        model.config.get_text_config().use_cache = False  # no cache in training; it conflicts with checkpointing
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+
+def frozen_parts_to_eval(model: torch.nn.Module) -> None:
+    """Put the vision encoder in eval mode when none of its weights train: a frozen encoder must give the features it
+    was trained to give (batch norm with its running statistics, which must not drift; no dropout). The loop sets
+    the whole model to train mode, so this runs before every training forward (a cheap walk over the modules)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in VISION_NAMES and part_of(name) == "vision" and module.training:
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+def language_linear_names(model: torch.nn.Module, target: str | list[str]) -> list[str]:
+    """Full names of the language model's linear layers that LoRA adapts (never the output head, never the
+    vision encoder or the projector); `target` is all-linear or a list of module-name suffixes."""
+    head = model.get_output_embeddings()
+    wanted = None if target == "all-linear" else ({target} if isinstance(target, str) else set(target))
+    names, suffixes = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head or part_of(name) != "language":
+            continue
+        suffixes.add(name.rsplit(".", 1)[-1])
+        if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+            names.append(name)
+    if not names:
+        raise UserError(
+            f"method.target {target} names no linear layer of the language model. Its linear layers: "
+            f"{', '.join(sorted(suffixes))}; or use target: all-linear."
+        )
+    return names
+
+
+def apply_parts(
+    model: torch.nn.Module, method: MethodConfig, gradient_checkpointing: bool
+) -> tuple[torch.nn.Module, dict[str, list[str]]]:
+    """Freeze or train each part as method.train_parts and method.kind say; returns (model to train, part roots).
+
+    The language model gets LoRA / QLoRA / DoRA (peft) or trains fully (kind full); trained vision or projector
+    weights travel with the adapter as peft modules_to_save, so best/ loads with PeftModel.from_pretrained."""
+    if method.kind not in VLM_METHODS:
+        raise UserError(
+            f"method.kind {method.kind} is not available for mcqa. Use one of: {', '.join(VLM_METHODS)} (the "
+            "language model gets it; method.train_parts decides the vision encoder and the projector)."
+        )
+    parts = method.train_parts
+    roots = part_roots(model)
+    if parts.projector and not roots["projector"]:
+        raise UserError(
+            "method.train_parts.projector is true but no projector module was found in this model (looked for "
+            f"{', '.join(PROJECTOR_NAMES)}). Set method.train_parts.projector: false."
+        )
+    if method.kind == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input that has grad
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    trained_roots = (roots["vision"] if parts.vision else []) + (roots["projector"] if parts.projector else [])
+    if method.kind == "full":
+        for name, parameter in model.named_parameters():
+            if part_of(name) == "language" or any(name.startswith(root + ".") for root in trained_roots):
+                parameter.requires_grad_(True)
+        return _with_lr_scales(_trainable_in_fp32(model), parts), roots
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=language_linear_names(model, method.target),
+        modules_to_save=_outermost(trained_roots) or None,
+        use_dora=method.kind == "dora",
+        bias="none",
+    )
+    return _with_lr_scales(_trainable_in_fp32(get_peft_model(model, lora)), parts), roots
+
+
+def _outermost(names: list[str]) -> list[str]:
+    return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
+
+
+def _trainable_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Trained weights in fp32 (AdamW on bf16 weights loses small updates); frozen ones keep the load dtype."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+    return model
+
+
+def _with_lr_scales(model: torch.nn.Module, parts: TrainPartsConfig) -> torch.nn.Module:
+    """Mark each trained parameter with its part's learning-rate multiplier (read by train.optim.param_groups)."""
+    from tunelab.train.optim import LR_SCALE_ATTRIBUTE
+
+    scale = lr_scale_fn(parts)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            setattr(parameter, LR_SCALE_ATTRIBUTE, scale(name))
+    return model
+
+
+def lr_scale_fn(parts: TrainPartsConfig) -> Any:
+    """Learning-rate multiplier by parameter name (vision / projector / language)."""
+    scales = {"vision": parts.vision_lr, "projector": parts.projector_lr, "language": parts.language_lr}
+    return lambda name: scales[part_of(name)]
+
+
+def parameter_groups_table(model: torch.nn.Module, parts: TrainPartsConfig, lr: float) -> list[dict[str, Any]]:
+    """One row per part: trainable tensors and parameters, frozen parameters, learning rate (printed at start)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "trainable": 0, "frozen": 0})
+    for name, parameter in model.named_parameters():
+        row = counts[part_of(name)]
+        if parameter.requires_grad:
+            row["tensors"] += 1
+            row["trainable"] += parameter.numel()
+        else:
+            row["frozen"] += parameter.numel()
+    scale = lr_scale_fn(parts)
+    return [
+        {"part": part, **counts[part], "lr": lr * scale(part_name(part)) if counts[part]["trainable"] else 0.0}
+        for part in PARTS
+        if part in counts
+    ]
+
+
+def part_name(part: str) -> str:
+    """A representative parameter name of a part (for lr_scale_fn)."""
+    return {"vision": "vision_tower.x", "projector": "multi_modal_projector.x", "language": "language_model.x"}[part]
