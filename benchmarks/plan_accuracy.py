@@ -32,16 +32,20 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 COMMON = dict(num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
 TIED = {"1b": True, "3b": True, "8b": False}
-# (name, shape, method, max_length, micro-batch, gradient checkpointing)
-CONFIGS: list[tuple[str, str, str, int, int, bool]] = [
-    ("1b-lora-1024", "1b", "lora", 1024, 4, True),
-    ("1b-qlora-2048", "1b", "qlora", 2048, 4, True),
-    ("1b-lora-2048-nockpt", "1b", "lora", 2048, 2, False),
-    ("3b-lora-2048", "3b", "lora", 2048, 2, True),
-    ("3b-qlora-1024", "3b", "qlora", 1024, 4, True),
-    ("8b-lora-2048", "8b", "lora", 2048, 2, True),
-    ("8b-qlora-1024", "8b", "qlora", 1024, 4, True),
-    ("8b-qlora-2048", "8b", "qlora", 2048, 2, True),
+# (name, shape, method, max_length, micro-batch, gradient checkpointing, train.fused_loss); the default loss on
+# CUDA is the fused one, the "-plain" rows keep the full logits (train.fused_loss: false)
+CONFIGS: list[tuple[str, str, str, int, int, bool, bool]] = [
+    ("1b-lora-1024", "1b", "lora", 1024, 4, True, True),
+    ("1b-qlora-2048", "1b", "qlora", 2048, 4, True, True),
+    ("1b-lora-2048-nockpt", "1b", "lora", 2048, 2, False, True),
+    ("3b-lora-2048", "3b", "lora", 2048, 2, True, True),
+    ("3b-qlora-1024", "3b", "qlora", 1024, 4, True, True),
+    ("8b-lora-2048", "8b", "lora", 2048, 2, True, True),
+    ("8b-qlora-1024", "8b", "qlora", 1024, 4, True, True),
+    ("8b-qlora-2048", "8b", "qlora", 2048, 2, True, True),
+    ("1b-lora-1024-plain", "1b", "lora", 1024, 4, True, False),
+    ("1b-lora-2048-nockpt-plain", "1b", "lora", 2048, 2, False, False),
+    ("8b-qlora-2048-plain", "8b", "qlora", 2048, 2, True, False),
 ]
 STEPS = 3
 
@@ -66,7 +70,7 @@ def data_file(work: Path) -> Path:
 
 
 def run_config(name: str, work: Path) -> dict[str, Any]:
-    _, shape, method, length, batch, checkpointing = next(c for c in CONFIGS if c[0] == name)
+    _, shape, method, length, batch, checkpointing, fused = next(c for c in CONFIGS if c[0] == name)
     return {
         "model": {"name": str(model_dir(work, shape)), "dtype": "bf16", "gradient_checkpointing": checkpointing},
         "method": {"kind": method, "r": 16, "alpha": 32, "target": "all-linear"},
@@ -77,7 +81,14 @@ def run_config(name: str, work: Path) -> dict[str, Any]:
             "max_length": length,
             "cache_dir": str(work / "cache"),
         },
-        "train": {"batch_size": batch, "grad_accum": 1, "max_steps": STEPS, "save_every": 10_000, "log_every": 1},
+        "train": {
+            "batch_size": batch,
+            "grad_accum": 1,
+            "max_steps": STEPS,
+            "save_every": 10_000,
+            "log_every": 1,
+            "fused_loss": fused,
+        },
         "eval": {"samples": 0},
         "output": {"dir": str(work / f"run-{name}"), "overwrite": True},
     }

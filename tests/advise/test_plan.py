@@ -158,3 +158,27 @@ def test_apply_plan_writes_beside_the_config(tmp_path: Path) -> None:
     plan = make_plan(load_config(config_path), find_gpu("L4", None))
     path = apply_plan(config_path, plan)
     assert path.name == "cfg.l4.yaml" and load_config(path).model.name == LLAMA_8B
+
+
+def test_mcqa_plan_counts_image_tokens_and_the_projector(tmp_path: Path) -> None:
+    """A Qwen2.5-VL at 448 px: 256 language-model tokens per image; the trained projector joins the adapters."""
+    train = tmp_path / "train.csv"
+    train.write_text("id,image,question,a,b,c,d,answer\n1,x.png,What colour is the shape?,red,blue,green,teal,a\n")
+    source = {
+        "task": "mcqa",
+        "model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "image_size": 448},
+        "data": {"train": str(train)},
+        "train": {"batch_size": 2},
+    }
+    plan = make_plan(load_config(source), find_gpu("L4", None))
+    shape = plan.shape
+    assert plan.settings.image_tokens == 256
+    assert 256 + 48 <= plan.settings.seq_len <= 256 + 80
+    assert shape.projector_params > 0 and shape.vision_params > 0
+    lora = shape.lora_params(16, "all-linear")
+    assert lora == 29_933_568  # the language model's linears only, never the vision tower's
+    assert plan.current.trainable_params == lora + shape.projector_params
+    frozen = load_config(source | {"method": {"train_parts": {"projector": False}}})
+    assert make_plan(frozen, find_gpu("L4", None)).current.trainable_params == lora
+    bigger = load_config(source | {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "image_size": 896}})
+    assert make_plan(bigger, find_gpu("L4", None)).settings.image_tokens == 1024

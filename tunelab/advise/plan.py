@@ -45,7 +45,8 @@ GPUS: dict[str, Gpu] = {
     )
 }
 ALIASES = {"V100": "V100-16", "3090": "RTX3090", "4090": "RTX4090", "A100": "A100-80", "H100-80": "H100"}
-TASKS_WITH_A_MODEL = ("sft", "summarize")
+TASKS_WITH_A_MODEL = ("sft", "summarize", "mcqa")
+DEFAULT_IMAGE_SIZE = 448  # mcqa with model.image_size null: the seeds' resolution (the processor's own may be larger)
 HEADROOM = 0.92  # plan to use at most this share of the GPU: other processes, spikes, a longer batch
 
 
@@ -77,6 +78,14 @@ def settings_for(config: RunConfig, gpu: Gpu, gpus: int = 1) -> Settings:
     method = config.method.kind
     target_len = config.data.max_target_length if config.task == "summarize" else 0
     checkpointing = True if config.model.gradient_checkpointing is None else config.model.gradient_checkpointing
+    vlm: dict[str, Any] = {}
+    if config.task == "mcqa":
+        vlm = {
+            "image_size": config.model.image_size or DEFAULT_IMAGE_SIZE,
+            "train_vision": config.method.train_parts.vision,
+            "train_projector": config.method.train_parts.projector,
+            "head_tokens_per_row": 3,  # the answer letter, end of turn, and the position before them
+        }
     return Settings(
         task=config.task,
         method=method,
@@ -98,7 +107,34 @@ def settings_for(config: RunConfig, gpu: Gpu, gpus: int = 1) -> Settings:
         and config.train.fused_loss is not False
         and method not in ("prefix", "prompt")
         and gpus == 1,
+        **vlm,
     )
+
+
+def image_tokens(shape: ModelShape, image_size: int) -> int:
+    """mcqa: the language-model tokens one image becomes: a fixed count for LLaVA-style models, else one per
+    merged patch (Qwen2-VL: 14 px patches merged 2 x 2, so a 448 px image is 256 tokens)."""
+    if shape.image_tokens:
+        return int(shape.image_tokens)
+    vision = shape.vision or {"patch": 14, "merge": 1}
+    side = image_size // (vision["patch"] * max(vision["merge"], 1))
+    return max(1, side * side)
+
+
+def prompt_tokens(config: RunConfig) -> int:
+    """mcqa: the prompt's text tokens (template, system instruction, question, lettered choices): the 95th
+    percentile of the training rows' text at about 3.5 characters a token, or 160 when the file cannot be read."""
+    from tunelab.data.readers import read_table
+
+    skip = {config.data.columns.id, config.data.columns.image, config.data.columns.answer}
+    try:
+        rows = read_table(config.data.train)[:2000] if config.data.train else []
+    except (UserError, OSError):
+        rows = []
+    if not rows:
+        return 160
+    chars = sorted(sum(len(str(v)) for k, v in row.items() if k not in skip) for row in rows)
+    return int(chars[int(0.95 * (len(chars) - 1))] / 3.5) + 48
 
 
 @dataclass
@@ -112,6 +148,7 @@ class Plan:
     changes: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     recommended: Estimate | None = None
+    settings: Settings | None = None  # what the estimate assumed (tokens per row included)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,9 +173,12 @@ def make_plan(config: RunConfig, gpu: Gpu, gpus: int = 1, shape: ModelShape | No
     """Estimate the config on `gpu` and search for settings that fit (or that use spare room)."""
     settings = settings_for(config, gpu, gpus)  # first: a task without a memory model is said before any work
     shape = shape or model_shape(config)
+    if config.task == "mcqa":
+        settings.image_tokens = image_tokens(shape, settings.image_size)
+        settings.seq_len = settings.image_tokens + prompt_tokens(config)
     current = estimate(shape, settings)
     budget = gpu.memory_gib * HEADROOM
-    plan = Plan(gpu, shape, current, current.total_gib <= gpu.memory_gib)
+    plan = Plan(gpu, shape, current, current.total_gib <= gpu.memory_gib, settings=copy.deepcopy(settings))
     changes, reasons = plan.changes, plan.reasons
     if not gpu.bf16 and config.model.dtype == "bf16":
         changes["model.dtype"] = "fp16"
@@ -248,7 +288,9 @@ def print_plan(plan: Plan, config: RunConfig) -> None:
         f"layers, vocabulary {shape.vocab:,} (shape from {shape.source})"
     )
     console.print(
-        f"{config.method.kind}, micro-batch {config.train.batch_size} x {config.data.max_length} tokens, "
+        f"{config.method.kind}, micro-batch {config.train.batch_size} x {plan.settings.seq_len} tokens"
+        + (f" ({plan.settings.image_tokens} of them an image's)" if plan.settings.image_tokens else "")
+        + ", "
         f"{plan.current.trainable_params / 1e6:,.1f}M trainable parameters, on {gpu.name} ({gpu.memory_gib:g} GiB)"
     )
     table = Table("part", "GiB", "what", title="estimated peak memory per GPU")

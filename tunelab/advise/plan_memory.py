@@ -58,6 +58,9 @@ class Settings:
     gpus: int = 1
     strategy: str = "ddp"  # ddp | fsdp | deepspeed-zero2 | deepspeed-zero3
     fused_loss: bool = False  # the head and the loss chunk by chunk (train.fused_loss in effect)
+    head_tokens_per_row: int | None = None  # mcqa: the output head runs on the answer positions only
+    image_tokens: int = 0  # mcqa: language-model tokens an image becomes (inside seq_len)
+    train_projector: bool = False  # mcqa: the projector's full weights train (in the model dtype)
 
 
 @dataclass
@@ -97,6 +100,9 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     weights = quantized * quant_bytes + other * other_bytes
 
     trainable, states = _trainable(shape, s, peft)
+    if s.task == "mcqa" and s.method != "full":
+        extra, extra_states = _trainable_parts(shape, s)
+        trainable, states = trainable + extra, states + extra_states
     sharded = s.gpus if s.strategy in ("fsdp", "deepspeed-zero3") else 1
     states_shard = s.gpus if s.strategy in ("fsdp", "deepspeed-zero2", "deepspeed-zero3") else 1
     weights /= sharded
@@ -109,6 +115,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         layer_tokens = s.micro_batch * (s.seq_len + 1.3 * s.target_len)
         layers = max(1, shape.layers)
     head_tokens = s.micro_batch * s.target_len if shape.encoder_decoder else tokens
+    if s.head_tokens_per_row is not None:
+        head_tokens = s.micro_batch * s.head_tokens_per_row
     logits = head_tokens * shape.vocab * LOGITS_BYTES
     if s.fused_loss:  # one chunk of logits at a time, plus the (at most all) target rows' hidden states and gradient
         chunk_rows = min(head_tokens, FUSED_CHUNK_BYTES // (4 * shape.vocab))
@@ -166,8 +174,15 @@ def _trainable(shape: ModelShape, s: Settings, peft: bool) -> tuple[int, float]:
     if s.method == "freeze":
         count = int(shape.block_linear_params * min(s.freeze_keep_last, shape.layers) / shape.layers)
     else:
-        count = shape.params
+        count = shape.params - (0 if s.train_vision else shape.vision_params)
     return count, count * 3.0 * s.dtype_bytes  # gradient + two moments in the weights' dtype
+
+
+def _trainable_parts(shape: ModelShape, s: Settings) -> tuple[int, float]:
+    """mcqa: a trained projector (and vision encoder) beside the language model's adapters: full weights in the
+    model dtype with their gradient and two AdamW moments."""
+    count = (shape.projector_params if s.train_projector else 0) + (shape.vision_params if s.train_vision else 0)
+    return count, count * 3.0 * s.dtype_bytes
 
 
 def _layer_bytes_per_token(shape: ModelShape, s: Settings, peft: bool) -> float:
@@ -201,7 +216,8 @@ def _vision_bytes(shape: ModelShape, s: Settings) -> float:
     per_token_layer = s.dtype_bytes * (6 * v["hidden"] + 3 * v["intermediate"]) + 8 * v["hidden"]
     if s.train_vision:
         return patches * per_token_layer * v["layers"]
-    return patches * per_token_layer  # no graph: one layer's tensors at a time
+    # no graph inside a frozen encoder: one layer's tensors at a time, plus the trained projector's kept input
+    return patches * per_token_layer + (patches * v["hidden"] * s.dtype_bytes if s.train_projector else 0)
 
 
 def _vision_note(shape: ModelShape, s: Settings) -> str:

@@ -117,6 +117,9 @@ class ModelShape:
     linears: list[Linear] = field(default_factory=list)
     encoder_decoder: bool = False
     vision: dict[str, int] | None = None  # hidden, layers, intermediate, patch, merge for VLMs
+    vision_params: int = 0  # VLMs: the vision encoder's parameters (projector excluded)
+    projector_params: int = 0  # VLMs: the projector's parameters
+    image_tokens: int | None = None  # VLMs with a fixed number of language-model tokens per image (LLaVA-style)
 
     @property
     def block_linear_params(self) -> int:
@@ -194,12 +197,18 @@ def model_shape(config: RunConfig) -> ModelShape:
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear)
     ]
-    for linear in linears:
-        linear.vision = "visual" in linear.name or "vision" in linear.name
     heads = text.num_attention_heads
     hidden = text.hidden_size
-    vision = None
+    vision, parts = None, {"vision": 0, "projector": 0}
     if vision_config is not None:
+        from tunelab.models.vlm import part_of
+
+        for name, parameter in model.named_parameters():
+            part = part_of(name)
+            if part != "language":
+                parts[part] += parameter.numel()
+        for linear in linears:
+            linear.vision = part_of(linear.name) != "language"
         vision = {
             "hidden": getattr(vision_config, "hidden_size", getattr(vision_config, "embed_dim", 0)),
             "layers": getattr(vision_config, "depth", getattr(vision_config, "num_hidden_layers", 0)),
@@ -221,4 +230,7 @@ def model_shape(config: RunConfig) -> ModelShape:
         linears=linears,
         encoder_decoder=bool(getattr(arch, "is_encoder_decoder", False)),
         vision=vision,
+        vision_params=parts["vision"],
+        projector_params=parts["projector"],
+        image_tokens=getattr(arch, "image_seq_length", None),
     )
