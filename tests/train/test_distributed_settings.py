@@ -71,6 +71,7 @@ def test_deepspeed_buckets_follow_the_hidden_size() -> None:
         ({"train": {"distributed": "deepspeed-zero3"}}, ["train.distributed", "CUDA", "ddp"]),
         ({"train": {"distributed": "deepspeed-zero2"}}, ["train.distributed", "CUDA"]),
         ({"task": "image_cls", "train": {"distributed": "fsdp"}}, ["train.distributed fsdp", "image_cls", "ddp"]),
+        ({"task": "mcqa", "train": {"distributed": "fsdp"}}, ["train.distributed fsdp", "mcqa", "ddp"]),
         ({"train": {"cpu_offload": True}}, ["train.cpu_offload", "fsdp"]),
     ],
 )

@@ -33,6 +33,9 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 # Strategies whose parameters are sharded: every forward gathers them, so all processes must run the same number of
 # forwards (evaluation and generation included).
 SHARDS_PARAMETERS = ("fsdp", "deepspeed-zero3")
+# Tasks whose evaluation and generation keep sharded processes in step (lockstep_batches, synced generation) and
+# whose save_weights takes the gathered state_dict.
+SHARDED_TASKS = ("sft", "summarize")
 DEEPSPEED_TAG = "zero"  # the tag (sub-folder) of DeepSpeed's own files inside a checkpoint's deepspeed/ folder
 
 T = TypeVar("T")
@@ -71,10 +74,10 @@ def check_distributed(config: RunConfig, processes: int | None = None) -> None:
                 f"train.ema is not supported with train.distributed {kind} (ZeRO keeps the weights in its own "
                 "partitions). Drop train.ema, or use train.distributed: fsdp or ddp."
             )
-    if kind != "ddp" and config.task == "image_cls":
+    if kind != "ddp" and config.task not in SHARDED_TASKS:
         raise UserError(
-            f"train.distributed {kind} shards language models block by block; image_cls models are small enough "
-            "to train with train.distributed: ddp (the default)."
+            f"train.distributed {kind} shards the decoder blocks of task sft and summarize models; task "
+            f"{config.task} trains with train.distributed: ddp (the default) in this version."
         )
     if train.cpu_offload and kind == "ddp":
         raise UserError(

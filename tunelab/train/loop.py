@@ -23,7 +23,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.errors import RunStopped, UserError
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.distributed import Parallel
+from tunelab.train.distributed import Parallel, check_distributed
 from tunelab.train.ema import WeightEMA
 from tunelab.train.optim import create_optimizer, create_scheduler
 
@@ -170,6 +170,7 @@ class Loop:
         self.window_size = self.train.grad_accum * self.world
         steps_per_epoch = math.ceil(self.n_batches / self.window_size)
         self.total_steps = self.train.max_steps or max(1, math.ceil(self.train.epochs * steps_per_epoch))
+        check_distributed(config, self.world)  # also for tasks that build their accelerator without the config
         self.parallel = Parallel(accelerator, self.train)
         self.model, self.optimizer, optimizer = self.parallel.prepare(
             job.model, lambda model: create_optimizer(model, self.train)
