@@ -167,7 +167,9 @@ def run_config(run: Run, work: Path) -> dict[str, Any]:
 
 def command(job: Any, work: Path) -> list[str]:
     """The command line of a job."""
-    base = [sys.executable, "-m", "tunelab"]
+    # --debug: every process prints its traceback (without it only rank 0 speaks, and a failure of rank 1 alone
+    # ends rank 0 before it says anything)
+    base = [sys.executable, "-m", "tunelab", "--debug"]
     if isinstance(job, Run):
         path = work / f"{job.name}.yaml"
         import yaml
