@@ -207,7 +207,9 @@ def load_lm(config: ModelConfig, method_kind: str, device: torch.device, kind: s
         kwargs["attn_implementation"] = config.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-    if device.type == "cuda":  # load straight onto the GPU: no CPU copy, and the optimizer sees CUDA tensors (fused)
+    # load straight onto the GPU: no CPU copy, and the optimizer sees CUDA tensors (fused). Not under DeepSpeed
+    # ZeRO-3, whose partitioned loading (transformers' zero.Init path) refuses a device_map.
+    if device.type == "cuda" and not _deepspeed_zero3():
         kwargs["device_map"] = {"": device.index or 0}
     what = "causal LM" if kind == "causal" else "seq2seq model"
     try:
@@ -238,3 +240,12 @@ def load_lm(config: ModelConfig, method_kind: str, device: torch.device, kind: s
 def use_gradient_checkpointing(config: ModelConfig, device: torch.device) -> bool:
     """Checkpointing is on by default on CUDA (memory), off on CPU (speed matters more there)."""
     return device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
+
+
+def _deepspeed_zero3() -> bool:
+    """Whether this process trains under DeepSpeed ZeRO-3 (accelerate's DeepSpeedPlugin registered it)."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # a transformers without the integration cannot be running ZeRO-3
+        return False
+    return bool(is_deepspeed_zero3_enabled())
