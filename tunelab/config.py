@@ -150,7 +150,11 @@ class DataConfig(Section):
         description="Prompt format: 'auto' uses the tokenizer's chat template when it has one, else "
         "'alpaca'; 'chat' forces the chat template; or a plain template name: alpaca, plain.",
     )
-    system_prompt: str | None = Field(None, description="System prompt added to every example that has none.")
+    system_prompt: str | None = Field(
+        None,
+        description="System prompt added to every example that has none. mcqa: the instruction before the image "
+        "and question; null: 'Answer with the letter of the correct choice only.'; '': no system message.",
+    )
     valid_split: float = Field(
         0.1, ge=0, lt=1, description="Share of train held out for validation when data.valid is not given."
     )

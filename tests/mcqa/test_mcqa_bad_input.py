@@ -137,3 +137,10 @@ def test_grayscale_rgba_palette_and_16_bit_images_train(
     assert main(["train", str(config)]) == 0, capsys.readouterr().err
     summary = json.loads((qa_ws / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+def test_a_text_only_model_is_refused(qa_ws: Path, capsys: pytest.CaptureFixture) -> None:
+    from fixtures import save_tiny_model_dir
+
+    text_only = save_tiny_model_dir(qa_ws / "llama")
+    train_refused(capsys, write_config(qa_ws, text_only), "not a vision-language processor", "Qwen2.5-VL")

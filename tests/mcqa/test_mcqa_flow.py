@@ -4,6 +4,7 @@ permutation TTA), predict (submission in the test file's order, probs.csv), expo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -73,3 +74,19 @@ def test_resume_continues_exactly(vlm_dirs: dict[str, Path], qa_ws: Path) -> Non
         records = [json.loads(line) for line in (qa_ws / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [(r["step"], round(r["loss"], 5)) for r in records if r["event"] == "train"]
     assert losses["cut"] == losses["full"] and len(losses["full"]) == 4
+
+
+def test_bf16_weights_with_a_trained_vision_encoder(vlm_dirs: dict[str, Path], qa_ws: Path) -> None:
+    # bf16 frozen weights, fp32 trained parts (batch-norm buffers included) under CPU autocast: the demo's setting
+    config = write_config(
+        qa_ws,
+        vlm_dirs["llava"],
+        model={"name": str(vlm_dirs["llava"]), "dtype": "bf16"},
+        method={"kind": "lora", "r": 4, "alpha": 8, "train_parts": {"vision": True, "vision_lr": 0.5}},
+        train={"max_steps": 2, "batch_size": 4, "grad_accum": 1, "eval_every": 2, "save_every": 2},
+    )
+    assert run_cli("train", config) == 0
+    records = [json.loads(line) for line in (qa_ws / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["event"] == "start")
+    assert {row["part"]: row["lr"] for row in start["parameter_groups"]}["vision"] == pytest.approx(0.5 * 1e-3)
+    assert all(math.isfinite(r["loss"]) for r in records if r["event"] == "train")

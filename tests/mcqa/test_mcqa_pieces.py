@@ -161,3 +161,15 @@ def test_image_size_sets_min_and_max_pixels(vlm_dirs: dict[str, Path]) -> None:
     processor = vlm.load_processor(config.model)
     grid = processor(text=["<|image_pad|>"], images=[torch.zeros(3, 300, 300)], return_tensors="pt")["image_grid_thw"]
     assert grid.tolist() == [[1, 6, 6]]  # smart_resize: the largest multiple of 28 px within 112 x 112 pixels: 84
+
+
+def test_system_prompt_default_custom_and_none(vlm_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from tunelab.tasks.mcqa_data import DEFAULT_SYSTEM_PROMPT, messages
+
+    config, processor, _, _, questions = setup(vlm_dirs["llava"], tmp_path, n=2)
+    render = lambda prompt: processor.apply_chat_template(  # noqa: E731
+        messages(questions[0], [0, 1, 2, 3], prompt), add_generation_prompt=True, tokenize=False
+    )
+    assert DEFAULT_SYSTEM_PROMPT in render(None)
+    assert "Pick one." in render("Pick one.")
+    assert "system" not in render("")  # no system message at all: the shortest prompt

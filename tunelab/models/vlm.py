@@ -149,19 +149,19 @@ def load_vlm(config: ModelConfig, method_kind: str, device: torch.device, path: 
     if config.attn_implementation != "auto":
         kwargs["attn_implementation"] = config.attn_implementation
     quant = quantization_config(config, method_kind, dtype)
+    if quant is not None:  # quantize the language model only
+        quant.llm_int8_skip_modules = [*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"]
+        kwargs["quantization_config"] = quant
+    if device.type == "cuda":  # load straight onto the GPU
+        kwargs["device_map"] = {"": device.index or 0}
+    model_type = None
     try:
-        model_config = AutoConfig.from_pretrained(
+        model_type = AutoConfig.from_pretrained(
             path, trust_remote_code=config.trust_remote_code, revision=config.revision
-        )
-        if quant is not None:
-            quant.llm_int8_skip_modules = [*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"]
-            kwargs["quantization_config"] = quant
-        if device.type == "cuda":
-            kwargs["device_map"] = {"": device.index or 0}
+        ).model_type
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
-        kind = getattr(locals().get("model_config"), "model_type", None)
-        what = f" (its model_type is '{kind}', which is not an image-text-to-text model)" if kind else ""
+        what = f" (its model_type is '{model_type}', which is not an image-text-to-text model)" if model_type else ""
         raise UserError(
             f"Could not load an image-text-to-text model from '{config.name}'{what}: "
             f"{str(error).strip().rstrip('.')[:300]}. mcqa needs a vision-language model (Qwen2-VL, Qwen2.5-VL, "
@@ -239,6 +239,8 @@ def apply_parts(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     trained_roots = (roots["vision"] if parts.vision else []) + (roots["projector"] if parts.projector else [])
+    for root in _outermost(trained_roots):  # buffers too (batch-norm statistics): one dtype inside a trained part
+        model.get_submodule(root).float()
     if method.kind == "full":
         for name, parameter in model.named_parameters():
             if part_of(name) == "language" or any(name.startswith(root + ".") for root in trained_roots):

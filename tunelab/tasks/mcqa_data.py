@@ -167,9 +167,12 @@ def check_question_images(
 
 
 def messages(question: Question, order: list[int], system_prompt: str | None) -> list[dict[str, Any]]:
-    """System instruction, then the image, the question and the lettered choices in `order` (seed 002's prompt)."""
+    """System instruction, then the image, the question and the lettered choices in `order` (seed 002's prompt).
+    system_prompt None: the default instruction; "": no system message (shorter prompts; the template may add
+    its own default)."""
     lines = [question.question] + [f"({LETTERS[j]}) {question.choices[k]}" for j, k in enumerate(order)]
-    conversation = [{"role": "system", "content": [{"type": "text", "text": system_prompt or DEFAULT_SYSTEM_PROMPT}]}]
+    instruction = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    conversation = [{"role": "system", "content": [{"type": "text", "text": instruction}]}] if instruction else []
     content = [{"type": "image"}, {"type": "text", "text": "\n".join(lines)}]
     return conversation + [{"role": "user", "content": content}]
 
