@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -108,13 +109,31 @@ def _launch(processes: int, args: list[str]) -> int:
     launch = get_args_parser().parse_args(
         ["--standalone", f"--nproc_per_node={processes}", "-m", "tunelab", *debug, *args]
     )
-    try:
-        run(launch)
-    except ChildFailedError as failed:
-        codes = {failure.exitcode for failure in failed.failures.values()}
-        return 2 if 2 in codes else 1
+    with tempfile.TemporaryDirectory(prefix="tunelab-ranks-") as errors:
+        os.environ[RANK_ERRORS_ENV] = errors
+        try:
+            run(launch)
+        except ChildFailedError as failed:
+            _print_other_ranks_error(Path(errors))
+            codes = {failure.exitcode for failure in failed.failures.values()}
+            return 2 if 2 in codes else 1
+        finally:
+            os.environ.pop(RANK_ERRORS_ENV, None)
     return 0
 
+
+def _print_other_ranks_error(folder: Path) -> None:
+    """Print the first error of a process other than rank 0 when rank 0 printed none (it was stopped by torchrun
+    when the other one failed alone)."""
+    if (folder / "rank-0.txt").exists():
+        return
+    for report in sorted(folder.glob("rank-*.txt"), key=lambda path: int(path.stem.split("-")[1])):
+        kind, _, message = report.read_text(encoding="utf-8").partition("\n")
+        typer.echo(f"{kind} (process {report.stem.split('-')[1]}): {message}", err=True)
+        return
+
+
+RANK_ERRORS_ENV = "TUNELAB_RANK_ERRORS"  # folder where each torchrun process leaves its error message
 
 GPUS_HELP = "Processes to spread the rows over (one per GPU, each with the whole model); sft and summarize runs."
 
@@ -210,8 +229,11 @@ def inspect_(
 def plan(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.batch_size=8."),
-    gpu: str = typer.Option(None, "--gpu", help="GPU preset: T4, V100-16, V100-32, A10G, L4, RTX3090, RTX4090, "
-                            "A100-40, A100-80, H100, H200."),
+    gpu: str = typer.Option(
+        None,
+        "--gpu",
+        help="GPU preset: T4, V100-16, V100-32, A10G, L4, RTX3090, RTX4090, A100-40, A100-80, H100, H200.",
+    ),
     gpu_mem: float = typer.Option(None, "--gpu-mem", help="Any other GPU: its memory in GiB."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs per run (sharded states with train.distributed)."),
     apply: bool = typer.Option(False, "--apply", help="Write the config with the recommended changes beside it."),
@@ -350,6 +372,42 @@ def _click_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn errors into exit codes and readable messages."""
+    code = _main_unguarded(argv)
+    _leave_process_group(clean=code == 0)
+    return code
+
+
+def _leave_process_group(clean: bool) -> None:
+    """Close the process group of a torchrun process before the interpreter exits. Left to interpreter teardown,
+    gloo's worker threads are sometimes destroyed while still joinable and the process aborts ("terminate called
+    without an active exception") after a run that succeeded. The barrier keeps one process from closing its
+    connections while the others still use them; after a failure there is none (the others may never reach it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; torchrun reports the exit code
+        pass
+
+
+def _report_rank_error(kind: str, message: str) -> None:
+    """Leave this process's error where the launching process finds it (see _launch): when one process alone
+    fails, torchrun stops rank 0 before it can print anything, and the user would see only exit codes."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    rank = int(os.environ.get("RANK", "0"))
+    if not folder:
+        return
+    try:
+        Path(folder, f"rank-{rank}.txt").write_text(f"{kind}\n{message}", encoding="utf-8")
+    except OSError:
+        pass
+
+
+def _main_unguarded(argv: list[str] | None) -> int:
     from rich.console import Console
 
     # one message, from rank 0; printed with soft_wrap, since a path cut at column 80 cannot be copied
@@ -360,11 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             traceback.print_exc()
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        _report_rank_error("error", str(error))
         return UserError.exit_code
     except RunStopped as error:
         if _state["debug"]:
             traceback.print_exc()
         err.print(f"[bold red]stopped:[/] {error}", highlight=False, soft_wrap=True)
+        _report_rank_error("stopped", str(error))
         return RunStopped.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; `tunelab train CONFIG --resume` continues from the last checkpoint.")
@@ -380,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if _state["debug"]:
             traceback.print_exc()
+        _report_rank_error("internal error", f"{type(error).__name__}: {error}")
         err.print(
             f"[bold red]internal error:[/] {type(error).__name__}: {error}\nRun again with --debug for the "
             "traceback, and report it with the config.",

@@ -119,3 +119,28 @@ def test_fsdp_wraps_the_decoder_layers() -> None:
     assert {c.__name__ for c in decoder_block_classes(model)} == {"LlamaDecoderLayer"}
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     assert {c.__name__ for c in decoder_block_classes(peft_model)} == {"LlamaDecoderLayer"}
+
+
+def test_an_error_of_another_process_alone_reaches_the_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torchrun stops rank 0 when rank 1 fails alone; rank 1's message (rank 1 prints nothing itself) is left in the
+    launcher's folder and printed by the launcher, once."""
+    from tunelab.cli import RANK_ERRORS_ENV, _print_other_ranks_error
+
+    folder = tmp_path / "ranks"
+    folder.mkdir()
+    monkeypatch.setenv(RANK_ERRORS_ENV, str(folder))
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err == ""  # a non-zero rank is quiet
+    assert "missing.yaml" in (folder / "rank-1.txt").read_text()
+    _print_other_ranks_error(folder)
+    printed = capsys.readouterr().err
+    assert printed.startswith("error (process 1):") and "missing.yaml" in printed
+    # when rank 0 failed too, it printed its own message and the launcher adds nothing
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    capsys.readouterr()
+    _print_other_ranks_error(folder)
+    assert capsys.readouterr().err == ""
