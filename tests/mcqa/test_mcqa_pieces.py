@@ -156,6 +156,36 @@ def test_frozen_vision_by_default(vlm_dir: Path, tmp_path: Path) -> None:
     assert any(p.requires_grad for n, p in model.named_parameters() if vlm.part_of(n) == "projector")
 
 
+def test_checkpointing_backpropagates_through_the_language_model_only(vlm_dir: Path, tmp_path: Path) -> None:
+    """With gradient checkpointing the text embeddings' output must carry grad (checkpointed blocks need it), but a
+    frozen vision encoder must not: transformers' enable_input_require_grads hooks its patch embedding too, and its
+    whole backward pass then ran for nothing."""
+    config = RunConfig(task="mcqa", model={"name": str(vlm_dir)}, method={"r": 4, "alpha": 8})
+    processor = vlm.load_processor(config.model)
+    model = vlm.load_vlm(config.model, config.method.kind, torch.device("cpu"))
+    model, _ = vlm.apply_parts(model, config.method, True)
+    questions = read_questions(str(write_questions(tmp_path, 2)), config, True, "train")
+    dataset = QuestionDataset(questions, processor, answer_tokens(processor), config, with_answer=True)
+    outputs: dict[str, list[bool]] = {"vision": [], "language": []}
+    hooks = []
+    for name, module in model.named_modules():
+        part = vlm.part_of(name) if name else "language"
+        if part in outputs and not list(module.children()):  # leaf modules
+            hooks.append(
+                module.register_forward_hook(
+                    lambda _m, _i, out, part=part: outputs[part].append(
+                        isinstance(out, torch.Tensor) and out.requires_grad
+                    )
+                )
+            )
+    model.train()
+    mcqa.loss_sum(model, collate([dataset[0], dataset[1]], processor.tokenizer.pad_token_id), dataset.answers, 0.0)
+    for hook in hooks:
+        hook.remove()
+    assert outputs["vision"] and not any(outputs["vision"])
+    assert any(outputs["language"])
+
+
 def test_image_size_sets_min_and_max_pixels(vlm_dirs: dict[str, Path]) -> None:
     config = RunConfig(task="mcqa", model={"name": str(vlm_dirs["qwen2_vl"]), "image_size": 112})
     processor = vlm.load_processor(config.model)

@@ -131,6 +131,14 @@ def _is_embedded_folder(processor: Any) -> bool:
     return bool(folder) and (Path(folder) / MARKER_FILE).is_file()
 
 
+def projector_starts_untrained(path: str) -> bool:
+    """Whether the model folder is a tunelab embedded assembly, whose projector is random (a pretrained VLM's
+    projector is already aligned with its language model)."""
+    from tunelab.models.embedded_vlm import MARKER_FILE
+
+    return (Path(path) / MARKER_FILE).is_file()
+
+
 def load_vlm(config: ModelConfig, method_kind: str, device: torch.device, path: str | None = None) -> torch.nn.Module:
     """AutoModelForImageTextToText with dtype, attention and quantization resolved for `device`. QLoRA quantizes
     the language model only: the vision encoder and projector stay in the compute dtype."""
@@ -228,14 +236,12 @@ def apply_parts(
     if method.kind == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
+        # checkpointing is enabled below: peft's own call would also hook the vision encoder's embeddings
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input that has grad
+        model.disable_input_require_grads()  # transformers hooked every sub-model's embeddings; see the next line
+        _text_embeddings_require_grad(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     trained_roots = (roots["vision"] if parts.vision else []) + (roots["projector"] if parts.projector else [])
@@ -257,7 +263,22 @@ def apply_parts(
         use_dora=method.kind == "dora",
         bias="none",
     )
-    return _with_lr_scales(_trainable_in_fp32(get_peft_model(model, lora)), parts), roots
+    model = get_peft_model(model, lora)
+    # peft re-hooks every sub-model's input embeddings under checkpointing; the hook above is the one wanted
+    model.get_base_model().disable_input_require_grads()
+    return _with_lr_scales(_trainable_in_fp32(model), parts), roots
+
+
+def _text_embeddings_require_grad(model: torch.nn.Module) -> None:
+    """Frozen text embeddings give outputs without grad, and checkpointed decoder blocks need an input that has one.
+    Only the language model's embeddings get the hook: transformers' enable_input_require_grads hooks every
+    sub-model's, the frozen vision encoder's patch embedding too, and its whole backward pass then runs for nothing
+    (memory for its kept inputs, time for its gradients)."""
+
+    def require_grad(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+        output.requires_grad_(True)
+
+    model.get_input_embeddings().register_forward_hook(require_grad)
 
 
 def _outermost(names: list[str]) -> list[str]:
