@@ -179,10 +179,13 @@ def _trainable(shape: ModelShape, s: Settings, peft: bool) -> tuple[int, float]:
 
 
 def _trainable_parts(shape: ModelShape, s: Settings) -> tuple[int, float]:
-    """mcqa: a trained projector (and vision encoder) beside the language model's adapters: full weights in the
-    model dtype with their gradient and two AdamW moments."""
+    """mcqa: a trained projector (and vision encoder) beside the language model's adapters, as tunelab.models.vlm
+    trains them: the part is made fp32 (its weights are already counted once in the model dtype, so + 4 - dtype),
+    an fp32 gradient and two fp32 AdamW moments (+ 12), and under an adapter peft's modules_to_save keeps a
+    trained fp32 copy beside the frozen original (+ 4)."""
     count = (shape.projector_params if s.train_projector else 0) + (shape.vision_params if s.train_vision else 0)
-    return count, count * 3.0 * s.dtype_bytes
+    copy = 4 if s.method in ("lora", "qlora", "dora") else 0
+    return count, count * (4.0 - s.dtype_bytes + 12 + copy)
 
 
 def _layer_bytes_per_token(shape: ModelShape, s: Settings, peft: bool) -> float:
