@@ -84,6 +84,14 @@ class TrainPartsConfig(Section):
     language_lr: float = Field(
         1.0, gt=0, description="Learning-rate multiplier of the language model's trained weights (LoRA or full)."
     )
+    align_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Steps of projector alignment before training: the projector alone learns to bring an image's "
+        "tokens closer to its right choice's text embedding than to the other choices' (seconds; see "
+        "tunelab/tasks/mcqa_align.py). Default (null): 300 when the projector starts untrained (tunelab's embedded "
+        "assemblies), 0 for a pretrained VLM; 0 turns it off.",
+    )
 
 
 class MethodConfig(Section):

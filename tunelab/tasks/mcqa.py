@@ -29,6 +29,7 @@ from tunelab.data.splits import stratified_split
 from tunelab.errors import UserError
 from tunelab.evaluate.choices import LETTERS, cyclic_orders, letter_probabilities, smoothed_letter_targets, to_original
 from tunelab.models import vlm
+from tunelab.tasks import mcqa_align
 from tunelab.tasks.mcqa_data import (
     AnswerTokens,
     Question,
@@ -250,6 +251,12 @@ def preflight(config: RunConfig, resume: bool) -> None:
         raise UserError(
             f"method.kind {config.method.kind} is not available for mcqa. Use one of: {', '.join(vlm.VLM_METHODS)}."
         )
+    parts = config.method.train_parts
+    if parts.align_steps and not parts.projector:
+        raise UserError(
+            "method.train_parts.align_steps > 0 needs a trained projector: set method.train_parts.projector: true, "
+            "or align_steps: 0."
+        )
     if config.data.image_root and not Path(config.data.image_root).is_dir():
         raise UserError(f"data.image_root {config.data.image_root} is not a folder. Point it at the images' folder.")
 
@@ -283,11 +290,21 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     before = scorer.evaluate(model, valid_questions) if show_before and valid_questions else None
     if before is not None:
         console.print(f"before training: valid accuracy {before['accuracy']:.4f}, loss {before['loss']:.4f}")
+    # before the run folder is written, so a model the alignment cannot handle leaves nothing behind; never when
+    # a checkpoint will be resumed (it holds the projector the alignment led to)
+    steps = 0 if _will_resume(config, resume) else mcqa_align.align_steps(config, path)
+    aligned = None
+    if steps:
+        aligned = mcqa_align.align_projector(
+            model, processor, train_questions, config, steps, accelerator.device, console.print
+        )
     run_dir, resume_from, log = open_run(config, resume, accelerator)
     if resume_from is None:
         log.write({"event": "start", "step": 0, "task": "mcqa", "model": config.model.name, "parameter_groups": groups})
         if before is not None:
             log.write({"event": "eval", "step": 0, "epoch": 0.0, "split": "valid", **before})
+        if aligned is not None:
+            log.write({"event": "align", "step": 0, **aligned})
     else:
         console.print(f"resuming from {resume_from}")
     job = make_job(config, model, scorer, train_questions, valid_questions)
@@ -301,6 +318,12 @@ def train(config: RunConfig, resume: bool = False, show_before: bool = False) ->
     extra = {"valid_before": before} if before is not None else {}
     finish_run(run_dir, {"task": "mcqa", "status": status, **summary}, started, extra)
     return run_dir
+
+
+def _will_resume(config: RunConfig, resume: bool) -> bool:
+    from tunelab.train import checkpoint as ckpt
+
+    return resume and bool(ckpt.list_checkpoints(Path(config.output.dir)))
 
 
 def make_job(
