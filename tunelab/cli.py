@@ -382,6 +382,8 @@ def _leave_process_group(clean: bool) -> None:
     gloo's worker threads are sometimes destroyed while still joinable and the process aborts ("terminate called
     without an active exception") after a run that succeeded. The barrier keeps one process from closing its
     connections while the others still use them; after a failure there is none (the others may never reach it)."""
+    if "torch" not in sys.modules:  # a command that never imported torch (recipes, init, --help) has no group
+        return
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
