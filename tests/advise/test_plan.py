@@ -182,3 +182,24 @@ def test_mcqa_plan_counts_image_tokens_and_the_projector(tmp_path: Path) -> None
     assert make_plan(frozen, find_gpu("L4", None)).current.trainable_params == lora
     bigger = load_config(source | {"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "image_size": 896}})
     assert make_plan(bigger, find_gpu("L4", None)).settings.image_tokens == 1024
+
+
+def test_shape_is_counted_while_a_zero3_config_is_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # under train.distributed deepspeed-zero3, accelerate registers transformers' ZeRO-3 config before the plan
+    # runs; transformers then partitions and initializes every model it builds, which a meta skeleton cannot take
+    import weakref
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    class Zero3:  # what transformers asks of its registered config (HfDeepSpeedConfig needs deepspeed itself)
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    registered = Zero3()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(registered))
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    shape = model_shape(config_for("meta-llama/Llama-3.2-1B"))
+    assert shape.params == 1_235_814_400
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()  # put back for the training that follows

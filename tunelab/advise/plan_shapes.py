@@ -181,6 +181,8 @@ def model_shape(config: RunConfig) -> ModelShape:
     """The ModelShape of the config's model, counted from the real module tree built on the meta device."""
     import transformers
 
+    from tunelab.models.load import meta_skeleton
+
     arch, source = load_architecture(config)
     text = arch.get_text_config() if hasattr(arch, "get_text_config") else arch
     vision_config = getattr(arch, "vision_config", None)
@@ -190,7 +192,7 @@ def model_shape(config: RunConfig) -> ModelShape:
         auto = transformers.AutoModelForSeq2SeqLM
     else:
         auto = transformers.AutoModelForCausalLM
-    with torch.device("meta"):
+    with meta_skeleton():
         model = auto.from_config(arch)
     linears = [
         Linear(name, m.in_features, m.out_features, ".layers." in name or ".layer." in name or ".blocks." in name)

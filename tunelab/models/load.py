@@ -3,6 +3,8 @@ attention kernel and quantization for the machine."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +242,27 @@ def load_lm(config: ModelConfig, method_kind: str, device: torch.device, kind: s
 def use_gradient_checkpointing(config: ModelConfig, device: torch.device) -> bool:
     """Checkpointing is on by default on CUDA (memory), off on CPU (speed matters more there)."""
     return device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
+
+
+@contextmanager
+def meta_skeleton() -> Iterator[None]:
+    """Build models on the meta device (to count or name their modules, never to train them). Outside ZeRO-3's
+    reach: while accelerate's DeepSpeedPlugin has registered a ZeRO-3 config, transformers partitions every model
+    it builds and initializes its weights, which fails on meta tensors ("Cannot copy out of meta tensor", found
+    on 2 H200s when sft's plan counted the model)."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        hf_deepspeed = None
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    if saved is not None:  # transformers' registry is a module global; it is put back below
+        hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        if saved is not None:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _deepspeed_zero3() -> bool:
