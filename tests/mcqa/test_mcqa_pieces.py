@@ -203,3 +203,18 @@ def test_system_prompt_default_custom_and_none(vlm_dirs: dict[str, Path], tmp_pa
     assert DEFAULT_SYSTEM_PROMPT in render(None)
     assert "Pick one." in render("Pick one.")
     assert "system" not in render("")  # no system message at all: the shortest prompt
+
+
+def test_quantization_skips_the_vision_encoder_and_projector_by_transformers_rule(vlm_dir: Path) -> None:
+    # transformers decides what bitsandbytes quantizes with should_convert_module: the skip list must name the
+    # roots as it matches them (bare 'visual' matched nothing, so QLoRA quantized the vision tower)
+    from transformers import AutoModelForImageTextToText
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = RunConfig(task="mcqa", model={"name": str(vlm_dir)})
+    skip = [*vlm._unquantized_roots(str(vlm_dir), config.model), "lm_head"]
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    converted = {name: should_convert_module(name, skip) for name in linears}
+    assert all(converted[n] == (vlm.part_of(n) == "language" and not n.endswith("lm_head")) for n in linears), converted
+    assert any(converted.values()) and not all(converted.values())

@@ -17,6 +17,7 @@ import torch
 
 from tunelab.config import MethodConfig, ModelConfig, TrainPartsConfig
 from tunelab.errors import UserError
+from tunelab.models.vision_attention import install_grouped_window_attention
 
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
 PROJECTOR_NAMES = ("multi_modal_projector", "merger", "connector", "mm_projector")
@@ -158,7 +159,7 @@ def load_vlm(config: ModelConfig, method_kind: str, device: torch.device, path: 
         kwargs["attn_implementation"] = config.attn_implementation
     quant = quantization_config(config, method_kind, dtype)
     if quant is not None:  # quantize the language model only
-        quant.llm_int8_skip_modules = [*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"]
+        quant.llm_int8_skip_modules = [*_unquantized_roots(path, config), "lm_head"]
         kwargs["quantization_config"] = quant
     if device.type == "cuda":  # load straight onto the GPU
         kwargs["device_map"] = {"": device.index or 0}
@@ -178,7 +179,23 @@ def load_vlm(config: ModelConfig, method_kind: str, device: torch.device, path: 
         ) from None
     if model.config.get_text_config().use_cache is not None:
         model.config.get_text_config().use_cache = False  # no cache in training; it conflicts with checkpointing
+    install_grouped_window_attention(model)  # Qwen2-VL family under SDPA: one attention call per run of windows
     return model
+
+
+def _unquantized_roots(path: str, config: ModelConfig) -> list[str]:
+    """Full module names of the vision encoder and projector roots (e.g. model.visual), read from the model built on
+    the meta device. transformers 5 matches llm_int8_skip_modules from the start of a module's name (or as its
+    suffix), so the bare part names ('visual') skipped nothing and the vision tower and projector were quantized."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from tunelab.models.load import meta_skeleton
+
+    arch = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code, revision=config.revision)
+    with meta_skeleton():
+        skeleton = AutoModelForImageTextToText.from_config(arch, trust_remote_code=config.trust_remote_code)
+    roots = part_roots(skeleton)
+    return roots["vision"] + roots["projector"]
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -237,7 +254,12 @@ def apply_parts(
         from peft import prepare_model_for_kbit_training
 
         # checkpointing is enabled below: peft's own call would also hook the vision encoder's embeddings
+        compute_dtype = next((p.dtype for n, p in model.named_parameters() if part_of(n) == "vision"), None)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # peft upcast every unquantized weight to fp32: a frozen vision encoder gains nothing from it but memory
+        if compute_dtype is not None and not parts.vision:
+            for root in _outermost(roots["vision"]):
+                model.get_submodule(root).to(compute_dtype)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.disable_input_require_grads()  # transformers hooked every sub-model's embeddings; see the next line
