@@ -9,11 +9,13 @@ estimate is of *this* program, not of fine-tuning in general:
   full / freeze train in the model dtype (weight, gradient, two moments);
 - activations per token per layer, counted from the tensors autograd keeps for a Llama-style block (RMSNorm
   upcasts, LoRA inputs and dropout masks, rotary q / k, attention q / k / v / output, SwiGLU's three products);
-  with gradient checkpointing only each block's input is kept, plus one block recomputed at a time;
+  with gradient checkpointing only each block's input is kept, plus one block recomputed at a time, plus the
+  intermediate-width gradients of its MLP's backward;
 - logits: the output head's bf16 logits, their fp32 copy, log-softmax and its gradient (12 bytes per token and
   vocabulary entry at the peak); with train.fused_loss (sft, on by default on CUDA; kernels/causal_lm_loss.py)
   only one chunk of target rows' logits exists at a time, plus the target rows' hidden states and their gradient;
 - vision: a frozen vision tower runs without a graph (one layer of transients); a trained one keeps its layers;
+  it is never quantized, and a frozen one stays in the model dtype under QLoRA too;
 - outside what PyTorch allocates: the CUDA context and the caching allocator's slack.
 
 Constants are in bytes; GiB = 2**30 bytes. tests/gpu/test_plan_gpu.py checks the estimate against measured peaks.
@@ -34,6 +36,10 @@ CUDA_CONTEXT_GIB = 0.55  # driver, kernels and cuBLAS workspace: outside torch's
 # gradient, beside the bf16 logits and the bf16 gradient (4 + 2 + 2 bytes per row and vocabulary entry)
 FUSED_CHUNK_BYTES = 256 * 2**20
 FUSED_LOGITS_BYTES = 8
+# the backward of a (recomputed) block's MLP, beside its saved activations: down_proj's input gradient through the
+# base weight, through the adapter and their sum, then SwiGLU's gradients of up, silu(gate) and gate, each
+# tokens x intermediate in the compute dtype (with the fused loss this, not the logits, sets the peak)
+MLP_BACKWARD_TENSORS = 6
 SLACK = 0.04  # caching-allocator fragmentation with expandable segments, as a share of the peak
 
 
@@ -98,6 +104,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     other_bytes = 4 if s.method == "qlora" else d
     quant_bytes = {"nf4": NF4_BYTES, "int8": INT8_BYTES}.get(quantize, 0.0)
     weights = quantized * quant_bytes + other * other_bytes
+    if s.method == "qlora" and shape.vision and not s.train_vision:  # models/vlm.py casts it back to the model dtype
+        weights -= shape.vision_params * (other_bytes - d)
 
     trainable, states = _trainable(shape, s, peft)
     if s.task == "mcqa" and s.method != "full":
@@ -123,13 +131,14 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         logits = chunk_rows * shape.vocab * FUSED_LOGITS_BYTES + 2 * head_tokens * shape.hidden * d
     if other_bytes == 4 and d == 2:  # fp32 output head under autocast: a bf16 copy for the forward and backward
         logits += shape.vocab * shape.hidden * 2
+    mlp_backward = MLP_BACKWARD_TENSORS * shape.intermediate * d * layer_tokens
     if s.checkpointing:
         kept = layers * resid * shape.hidden * layer_tokens
-        transient = max(logits, layer * layer_tokens + 3 * resid * shape.hidden * layer_tokens)
+        transient = max(logits, layer * layer_tokens + 3 * resid * shape.hidden * layer_tokens + mlp_backward)
         activation_note = f"block inputs of {layers} layers kept; one block recomputed at a time"
     else:
         kept = layers * layer * layer_tokens
-        transient = logits
+        transient = max(logits, mlp_backward)
         activation_note = f"{layer / shape.hidden:.0f} x hidden bytes per token per layer, {layers} layers"
     vision = _vision_bytes(shape, s)
     if sharded > 1:  # FSDP / ZeRO-3 gather one block's weights at a time (and prefetch the next)
