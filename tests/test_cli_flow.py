@@ -31,10 +31,13 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def config_file(folder: Path, name: str, **sections: dict) -> Path:
-    config = {"model": {"name": str(folder / "model")}, "data": {"train": "chat.jsonl", "max_length": 160},
-              "train": {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "eval_every": 3,
-                        "save_every": 3}, "eval": {"samples": 1, "max_new_tokens": 4},
-              "output": {"dir": str(folder / name)}}
+    config = {
+        "model": {"name": str(folder / "model")},
+        "data": {"train": "chat.jsonl", "max_length": 160},
+        "train": {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "eval_every": 3, "save_every": 3},
+        "eval": {"samples": 1, "max_new_tokens": 4},
+        "output": {"dir": str(folder / name)},
+    }
     for key, value in sections.items():
         config[key] = {**config.get(key, {}), **value}
     path = folder / f"{name}.yaml"
@@ -46,8 +49,15 @@ def test_train_eval_predict_export(workspace: Path, capsys: pytest.CaptureFixtur
     assert main(["train", str(config_file(workspace, "run"))]) == 0
     run = workspace / "run"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run)  # the run folder is printed last
-    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "best/adapter_model.safetensors",
-                 "checkpoints/step-000006/trainable.safetensors", "checkpoints/step-000006/state.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "curves.png",
+        "summary.json",
+        "best/adapter_model.safetensors",
+        "checkpoints/step-000006/trainable.safetensors",
+        "checkpoints/step-000006/state.pt",
+    ):
         assert (run / name).exists(), name
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["weight_decay"] == 0.0 and resolved["method"]["target"] == "all-linear"

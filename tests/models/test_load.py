@@ -48,8 +48,10 @@ def test_padding_never_masks_a_real_eos_in_labels() -> None:
     tokenizer = make_tokenizer("chatml")
     tokenizer.pad_token = tokenizer.eos_token
     ensure_pad_token(tokenizer)
-    conversations = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]}
-                     for text in ("a", "a much longer answer here")]
+    conversations = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]}
+        for text in ("a", "a much longer answer here")
+    ]
     examples, _ = sft.tokenize_conversations(conversations, tokenizer, "chat", 64)
     batch = textdata.collate(examples, tokenizer.pad_token_id)
     eos_targets = (batch["labels"] == tokenizer.eos_token_id).sum(dim=1)
