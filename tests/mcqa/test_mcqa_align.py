@@ -17,7 +17,7 @@ from tunelab.config import RunConfig
 from tunelab.models import vlm
 from tunelab.models.embedded_vlm import MARKER_FILE
 from tunelab.tasks import mcqa_align
-from tunelab.tasks.mcqa_data import read_questions
+from tunelab.tasks.mcqa_data import Question, read_questions
 
 
 def _say(_: str) -> None:
@@ -107,3 +107,19 @@ def test_align_steps_without_a_trained_projector_is_a_config_error(
     assert run_cli("train", write_config(qa_ws, vlm_dirs["llava"], method=parts)) == 2
     assert "align_steps" in capsys.readouterr().err
     assert not (qa_ws / "run").exists()
+
+
+def test_rows_whose_answer_depends_on_the_question_are_not_aligned() -> None:
+    # per image: a colour question (the colour is never wrong for it) and two yes / no questions about other
+    # colours whose answers differ, so "yes" and "no" are each right and wrong for the same image
+    rows, colours = [], ["red", "blue", "green", "teal"]
+    for n in range(8):
+        image, colour = Path(f"img{n}.png"), colours[n % 4]
+        others = [c for c in colours if c != colour]
+        rows.append(Question(f"c{n}", image, "what colour?", (colour, *others[:3]), 0))
+        rows.append(Question(f"y{n}", image, f"is there a {colour} shape?", ("no", "yes"), 1))
+        rows.append(Question(f"n{n}", image, f"is there a {others[0]} shape?", ("no", "yes"), 0))
+    kept = mcqa_align.describing_rows(rows)
+    assert [q.id for q in kept] == [f"c{n}" for n in range(8)]
+    # below the evidence threshold (fewer than 3 contradicting images) nothing is dropped
+    assert len(mcqa_align.describing_rows(rows[:6])) == 6
