@@ -4,7 +4,8 @@
 Each question becomes a multiple-choice row: distractors are drawn from answers of the same kind (a colour question
 gets 4 choices out of the 8 colours, a shape question the 3 shapes, yes / no its 2), in a seeded random order. The
 demo's valid and test rows take an equal share of each kind, so the 4-choice colour questions are a third of them
-rather than 7% (most of easy-VQA's questions are yes / no); its training rows are half yes / no (TRAIN_SHARES). Images stay in the installed package: data.image_root points at its data folder.
+rather than 7% (most of easy-VQA's questions are yes / no); its training rows are half yes / no (TRAIN_SHARES).
+Images stay in the installed package: data.image_root points at its data folder.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def easy_vqa_root() -> Path:
     return Path(folders[0]) / "data"
 
 
-def balanced_rows(split: str, n: int, seed: int, shares: dict[str, float] | None = None) -> list[dict[str, object]]:
+def balanced_rows(
+    split: str, n: int, seed: int, shares: dict[str, float] | None = None
+) -> list[dict[str, object]]:
     """`n` rows of one easy-VQA split, seeded: an equal share of colour, shape and yes / no questions, or the
     given share of each kind."""
     root = easy_vqa_root()
@@ -104,7 +107,11 @@ def write_demo_vqa(folder: Path, n_train: int = 4000, n_valid: int = 240, n_test
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     held_out = balanced_rows("test", n_valid + n_test, seed=1)  # easy-VQA's test images: never trained on
-    splits = {"train": balanced_rows("train", n_train, seed=0, shares=TRAIN_SHARES), "valid": held_out[:n_valid], "test": held_out[n_valid:]}
+    splits = {
+        "train": balanced_rows("train", n_train, seed=0, shares=TRAIN_SHARES),
+        "valid": held_out[:n_valid],
+        "test": held_out[n_valid:],
+    }
     for name, rows in splits.items():
         shown = [{k: v for k, v in row.items() if name != "test" or k != "answer"} for row in rows]
         paths[name].write_text("".join(json.dumps(row) + "\n" for row in shown), encoding="utf-8")
