@@ -53,9 +53,7 @@ def easy_vqa_root() -> Path:
     return Path(folders[0]) / "data"
 
 
-def balanced_rows(
-    split: str, n: int, seed: int, shares: dict[str, float] | None = None
-) -> list[dict[str, object]]:
+def balanced_rows(split: str, n: int, seed: int, shares: dict[str, float] | None = None) -> list[dict[str, object]]:
     """`n` rows of one easy-VQA split, seeded: an equal share of colour, shape and yes / no questions, or the
     given share of each kind."""
     root = easy_vqa_root()
