@@ -10,7 +10,7 @@ import pytest
 import yaml
 from fixtures import make_tiny_llama, make_tokenizer
 
-from tunelab.advise.plan import GPUS, apply_plan, find_gpu, make_plan, settings_for, warn_if_too_big
+from tunelab.advise.plan import GPUS, apply_plan, find_gpu, make_plan, prompt_tokens, settings_for, warn_if_too_big
 from tunelab.advise.plan_memory import NF4_BYTES, estimate
 from tunelab.advise.plan_shapes import model_shape
 from tunelab.cli import main
@@ -203,3 +203,17 @@ def test_shape_is_counted_while_a_zero3_config_is_registered(monkeypatch: pytest
     shape = model_shape(config_for("meta-llama/Llama-3.2-1B"))
     assert shape.params == 1_235_814_400
     assert hf_deepspeed.is_deepspeed_zero3_enabled()  # put back for the training that follows
+
+
+def test_mcqa_prompt_counts_the_system_prompt_and_only_the_prompt_columns(tmp_path: Path) -> None:
+    train = tmp_path / "train.csv"
+    row = "1,x.png,What colour is the shape?,red,blue,green,teal,a"
+    train.write_text(f"id,image,question,a,b,c,d,answer\n{row}\n")
+    extra = tmp_path / "extra.csv"  # a column the prompt never shows
+    extra.write_text(f"id,image,question,a,b,c,d,answer,notes\n{row},{'x' * 400}\n")
+    base = {"task": "mcqa", "model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct"}}
+    default = prompt_tokens(load_config(base | {"data": {"train": str(train)}}))
+    assert prompt_tokens(load_config(base | {"data": {"train": str(extra)}})) == default
+    none = prompt_tokens(load_config(base | {"data": {"train": str(train), "system_prompt": ""}}))
+    long = prompt_tokens(load_config(base | {"data": {"train": str(train), "system_prompt": "Think. " * 50}}))
+    assert none == default - 14 and long == none + 100

@@ -46,6 +46,9 @@ GPUS: dict[str, Gpu] = {
 }
 ALIASES = {"V100": "V100-16", "3090": "RTX3090", "4090": "RTX4090", "A100": "A100-80", "H100-80": "H100"}
 TASKS_WITH_A_MODEL = ("sft", "summarize", "mcqa")
+# mcqa: the chat template, image markers and "(a) " letters around a row's text (the 48 tokens this model counted
+# before, less the default instruction's 14, which is now counted from data.system_prompt)
+TEMPLATE_TOKENS = 34
 DEFAULT_IMAGE_SIZE = 448  # mcqa with model.image_size null: the seeds' resolution (the processor's own may be larger)
 HEADROOM = 0.92  # plan to use at most this share of the GPU: other processes, spikes, a longer batch
 
@@ -122,19 +125,27 @@ def image_tokens(shape: ModelShape, image_size: int) -> int:
 
 
 def prompt_tokens(config: RunConfig) -> int:
-    """mcqa: the prompt's text tokens (template, system instruction, question, lettered choices): the 95th
-    percentile of the training rows' text at about 3.5 characters a token, or 160 when the file cannot be read."""
+    """mcqa: the prompt's text tokens: the chat template and choice letters, the system instruction as configured,
+    and the 95th percentile of the training rows' question and choices at about 3.5 characters a token (160 in all
+    when the file cannot be read)."""
     from tunelab.data.readers import read_table
+    from tunelab.tasks.mcqa_data import DEFAULT_SYSTEM_PROMPT, choice_columns
 
-    skip = {config.data.columns.id, config.data.columns.image, config.data.columns.answer}
+    system = DEFAULT_SYSTEM_PROMPT if config.data.system_prompt is None else config.data.system_prompt
     try:
         rows = read_table(config.data.train)[:2000] if config.data.train else []
+        choices = choice_columns(config.data.train, rows, config) if rows else []
     except (UserError, OSError):
         rows = []
     if not rows:
         return 160
-    chars = sorted(sum(len(str(v)) for k, v in row.items() if k not in skip) for row in rows)
-    return int(chars[int(0.95 * (len(chars) - 1))] / 3.5) + 48
+    used = [config.data.columns.question, *([choices] if isinstance(choices, str) else choices)]
+
+    def text_chars(value: object) -> int:
+        return sum(len(str(v)) for v in value) if isinstance(value, (list, tuple)) else len(str(value))
+
+    chars = sorted(sum(text_chars(row.get(column, "")) for column in used) for row in rows)
+    return int(chars[int(0.95 * (len(chars) - 1))] / 3.5) + TEMPLATE_TOKENS + int(len(system) / 3.5)
 
 
 @dataclass
