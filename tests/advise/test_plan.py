@@ -217,3 +217,15 @@ def test_mcqa_prompt_counts_the_system_prompt_and_only_the_prompt_columns(tmp_pa
     none = prompt_tokens(load_config(base | {"data": {"train": str(train), "system_prompt": ""}}))
     long = prompt_tokens(load_config(base | {"data": {"train": str(train), "system_prompt": "Think. " * 50}}))
     assert none == default - 14 and long == none + 100
+
+
+def test_mcqa_full_fine_tuning_counts_fp32_training(tmp_path: Path) -> None:
+    # tunelab.models.vlm trains a VLM's trained weights in fp32 (AdamW on bf16 weights loses small updates)
+    train = tmp_path / "train.csv"
+    train.write_text("id,image,question,a,b,answer\n1,x.png,What colour?,red,blue,a\n")
+    source = {"task": "mcqa", "model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct"}, "method": {"kind": "full"}}
+    plan = make_plan(load_config(source | {"data": {"train": str(train)}}), find_gpu("H100", None))
+    states = next(p for p in plan.current.parts if p.name == "trainable states")
+    trained = plan.shape.params - plan.shape.vision_params
+    assert plan.current.trainable_params == trained
+    assert states.gib == pytest.approx(trained * 14 / 2**30, rel=1e-3)  # fp32 copy (+2) + gradient + moments

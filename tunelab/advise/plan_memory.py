@@ -6,7 +6,7 @@ estimate is of *this* program, not of fine-tuning in general:
 - weights: block linears in NF4 (4 bits + double-quantized absmax: 4.127 bits) or int8 under quantization; every
   other parameter in the model dtype, or fp32 under QLoRA (peft's prepare_model_for_kbit_training upcasts them);
 - trainable parameters: peft adapters are fp32, each with an fp32 gradient and two fp32 AdamW moments (16 bytes);
-  full / freeze train in the model dtype (weight, gradient, two moments);
+  full / freeze train in the model dtype (weight, gradient, two moments), except mcqa, whose trained weights are fp32;
 - activations per token per layer, counted from the tensors autograd keeps for a Llama-style block (RMSNorm
   upcasts, LoRA inputs and dropout masks, rotary q / k, attention q / k / v / output, SwiGLU's three products);
   with gradient checkpointing only each block's input is kept, plus one block recomputed at a time, plus the
@@ -111,6 +111,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     if s.task == "mcqa" and s.method != "full":
         extra, extra_states = _trainable_parts(shape, s)
         trainable, states = trainable + extra, states + extra_states
+    elif s.task == "mcqa":  # models/vlm.py makes every trained weight fp32: + 4 - dtype, fp32 gradient and moments
+        states = trainable * (4.0 - d + 12)
     sharded = s.gpus if s.strategy in ("fsdp", "deepspeed-zero3") else 1
     states_shard = s.gpus if s.strategy in ("fsdp", "deepspeed-zero2", "deepspeed-zero3") else 1
     weights /= sharded
