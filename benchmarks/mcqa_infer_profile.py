@@ -1,8 +1,10 @@
-"""Where mcqa inference time goes (issue 3's inference ratio): example preparation (image decode + processor),
-the DataLoader over it, and the model's forward per batch, on benchmarks/mcqa.py's random-init Qwen2.5-VL-3B shape.
+"""Where mcqa inference time goes (issue 3's inference ratio), on benchmarks/mcqa.py's random-init Qwen2.5-VL-3B
+shape with a LoRA r 32 adapter on its language model (as the benchmark's trained run has).
 
-Untrained weights (scoring cost does not depend on them). Prints seconds per part and the top CUDA ops of one
-batch's forward.
+Prints, as JSON: example preparation, the loader alone, one batch's forward and vision tower, the Scorer over all
+questions; a per-phase split of the Scorer's loop (wait for examples, collate, host-to-device copy, forward,
+read-back; each phase synchronised, so the sum exceeds the overlapped total); then a cProfile of the Scorer's main
+process and the top CUDA / CPU ops of one forward. Untrained weights (scoring cost does not depend on them).
 
     python benchmarks/mcqa_infer_profile.py --out /tmp/mcqa-profile          # GPU
     python benchmarks/mcqa_infer_profile.py --smoke --out /tmp/mcqa-profile  # CPU wiring check
@@ -11,8 +13,12 @@ batch's forward.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
+import io
+import itertools
 import json
+import pstats
 import time
 from pathlib import Path
 
@@ -36,6 +42,44 @@ def seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def phases(scorer, model, questions, device: torch.device, workers: int) -> dict[str, float]:
+    """The Scorer's loop (tunelab.tasks.mcqa.score) with every phase synchronised and timed."""
+    from tunelab.tasks import mcqa
+    from tunelab.tasks.mcqa_data import collate, length_order
+
+    dataset = scorer.dataset(questions, with_answer=False)
+    batch_size, pad_id = scorer.config.eval.batch_size, scorer.processor.tokenizer.pad_token_id
+    names = ("loader_start", "wait_examples", "collate_and_positions", "to_device", "forward", "read_back")
+    times = dict.fromkeys(names, 0.0)
+    started = time.perf_counter()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=length_order(questions, scorer.processor), num_workers=workers
+    )
+    examples = iter(loader)
+    times["loader_start"] = time.perf_counter() - started
+    for _ in range(0, len(questions), batch_size):
+        t0 = time.perf_counter()
+        items = list(itertools.islice(examples, batch_size))
+        t1 = time.perf_counter()
+        batch = collate(items, pad_id)
+        positions = mcqa.vlm.rope_positions(model, batch)
+        if positions is not None:
+            batch["position_ids"] = positions
+        t2 = time.perf_counter()
+        batch = {key: value.to(device) for key, value in batch.items()}
+        bench._sync(device)
+        t3 = time.perf_counter()
+        logits = mcqa.answer_logits(model, batch, 1)
+        bench._sync(device)
+        t4 = time.perf_counter()
+        logits[:, 0].softmax(-1).cpu()
+        t5 = time.perf_counter()
+        for key, (a, b) in zip(list(times)[1:], [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)], strict=True):
+            times[key] += b - a
+    times["total"] = time.perf_counter() - started
+    return {key: round(value, 3) for key, value in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
@@ -44,7 +88,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     from tunelab.config import validate_config
-    from tunelab.models import vlm
     from tunelab.tasks import mcqa
     from tunelab.tasks.mcqa_data import answer_tokens, collate, length_order, read_questions
 
@@ -59,16 +102,18 @@ def main() -> None:
         {
             "task": "mcqa",
             "model": {"name": str(model_dir), "dtype": "bf16"},
+            "method": {"kind": "lora", "r": 32, "alpha": 64, "dropout": 0.05},
             "data": {"train": str(test_csv)},
             "eval": {"batch_size": args.batch},
         }
     )
-    processor = vlm.load_processor(config.model)
-    model = vlm.load_vlm(config.model, "lora", device).eval()
+    processor = mcqa.vlm.load_processor(config.model)
+    model = mcqa.build_model(config, device).eval()  # LoRA r 32 on the language model, projector trained
     scorer = mcqa.Scorer(processor, answer_tokens(processor), config)
     questions = read_questions(str(test_csv), config, True, "test")
     dataset = scorer.dataset(questions, with_answer=False)
-    report: dict[str, float] = {"questions": len(questions), "workers": mcqa.loader_workers(config, device)}
+    workers = mcqa.loader_workers(config, device)
+    report: dict[str, object] = {"questions": len(questions), "workers": workers}
 
     n = min(32, len(dataset))
     report["prepare_one_ms"] = seconds(lambda: [dataset[i] for i in range(n)], device) / n * 1000
@@ -76,10 +121,7 @@ def main() -> None:
     order = length_order(questions, processor)
 
     def load_all() -> None:
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=order, num_workers=report["workers"] or 0
-        )
-        for _ in loader:
+        for _ in torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers):
             pass
 
     report["loader_all_s"] = seconds(load_all, device)
@@ -88,13 +130,25 @@ def main() -> None:
     with torch.no_grad():
         mcqa.answer_logits(model, batch, 1)  # warm-up
         report["forward_batch_s"] = seconds(lambda: mcqa.answer_logits(model, batch, 1), device)
-        visual = getattr(model, "visual", None) or model.model.visual
+        visual = getattr(model, "visual", None) or model.base_model.model.model.visual
         pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
         with mcqa.half_autocast(model, device):
             report["vision_batch_s"] = seconds(lambda: visual(pixels, grid_thw=grid), device)
+    scorer.probabilities(model, questions[:8], permute=False)  # warm-up, as benchmarks/mcqa.py
     report["scorer_all_s"] = seconds(lambda: scorer.probabilities(model, questions, permute=False), device)
     report["scorer_samples_per_s"] = len(questions) / report["scorer_all_s"]
-    print(json.dumps(report, indent=2))
+    with torch.no_grad():
+        report["phases"] = phases(scorer, model, questions, device, workers)
+    print(json.dumps(report, indent=2), flush=True)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    scorer.probabilities(model, questions, permute=False)
+    bench._sync(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue()[-9000:], flush=True)
     if device.type == "cuda":
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
@@ -102,6 +156,14 @@ def main() -> None:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=50))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=50))
+
+    merged = model.merge_and_unload().eval()
+    scorer.probabilities(merged, questions[:8], permute=False)
+    report["merged_scorer_all_s"] = seconds(lambda: scorer.probabilities(merged, questions, permute=False), device)
+    report["merged_samples_per_s"] = len(questions) / report["merged_scorer_all_s"]
+    with torch.no_grad():
+        report["merged_phases"] = phases(scorer, merged, questions, device, workers)
+    print(json.dumps({k: v for k, v in report.items() if k.startswith("merged")}, indent=2))
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))
 
 

@@ -3,6 +3,7 @@ TTA, choice shuffling, letter label smoothing, parts and learning-rate groups.""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -218,3 +219,35 @@ def test_quantization_skips_the_vision_encoder_and_projector_by_transformers_rul
     converted = {name: should_convert_module(name, skip) for name in linears}
     assert all(converted[n] == (vlm.part_of(n) == "language" and not n.endswith("lm_head")) for n in linears), converted
     assert any(converted.values()) and not all(converted.values())
+
+
+def test_rope_positions_computed_on_the_cpu_equal_the_models_own(vlm_dir: Path, tmp_path: Path) -> None:
+    config, processor, answers, model, questions = setup(vlm_dir, tmp_path)
+    model.eval()
+    # rows of different lengths, left-padded: the padding must get the positions the model gives it
+    questions[1] = dataclasses.replace(questions[1], question=questions[1].question + " in the picture, please")
+    dataset = QuestionDataset(questions, processor, answers, config, with_answer=True)
+    items = [dataset[i] for i in range(4)]
+    batch = collate(items, processor.tokenizer.pad_token_id)
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) > 1, "the rows should differ in length"
+    positions = vlm.rope_positions(model, batch)
+    inputs = {k: v for k, v in batch.items() if k not in ("answer", "n_choices", "row")}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        if "qwen" not in vlm_dir.name:
+            assert positions is None  # LLaVA-style models have plain 1-D positions
+            return
+        assert positions.shape == (3, *batch["input_ids"].shape)
+        actual = model(**inputs, position_ids=positions).logits
+        # the reference the model computes itself, for the positions and for the output
+        owner = next(m for m in model.modules() if hasattr(m, "get_rope_index"))
+        own, _ = owner.get_rope_index(
+            batch["input_ids"],
+            batch["mm_token_type_ids"],
+            batch["image_grid_thw"],
+            attention_mask=batch["attention_mask"],
+        )
+    assert torch.equal(positions, own)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    # a batch that lacks the image grid gets none (the model would not build 3-D positions either)
+    assert vlm.rope_positions(model, {k: v for k, v in batch.items() if k != "image_grid_thw"}) is None

@@ -28,6 +28,19 @@ MODULES = {
 }
 
 
+def piece_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    """The lengths of the pieces that `cu_seqlens` (cumulative offsets, starting at 0) cuts, read once per tensor.
+
+    The tower hands the same two tensors (windows, whole images) to all its layers, so keeping the lengths on the
+    tensor spares the other layers a GPU -> CPU sync each; a sync stops the CPU from queueing the next layers'
+    kernels while the GPU works. The lengths live and die with the tensor."""
+    lengths = getattr(cu_seqlens, "_tunelab_piece_lengths", None)
+    if lengths is None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        cu_seqlens._tunelab_piece_lengths = lengths
+    return lengths
+
+
 def grouped_forward(
     self: Any,
     hidden_states: torch.Tensor,
@@ -43,7 +56,7 @@ def grouped_forward(
     query, key, value = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     query, key = rotary(query, key, cos, sin)  # [seq, heads, head_dim]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lengths = piece_lengths(cu_seqlens)
     outputs, start, index = [], 0, 0
     while index < len(lengths):
         length, count = lengths[index], 1

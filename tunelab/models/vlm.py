@@ -201,6 +201,46 @@ def _unquantized_roots(path: str, config: ModelConfig) -> list[str]:
 # ----------------------------------------------------------------------------------------------- parts
 
 
+# what a Qwen2-VL-style get_rope_index reads from a batch (transformers 5.x names)
+ROPE_INPUTS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+
+def rope_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The 3-D rotary positions [3, B, L] that a Qwen2-VL-family model would compute for `batch` (a CPU batch),
+    computed here on the CPU; None for models without them (LLaVA-style) or a batch that lacks their inputs.
+
+    The model builds them in its forward with a Python loop per row over GPU tensors, each row waiting on the GPU
+    several times while the GPU has nothing queued; computed from the CPU batch before it is copied over, the
+    same numbers cost no GPU idle time. Passed as `position_ids`, they replace that step and nothing else."""
+    import inspect
+
+    owner = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+    if owner is None or "input_ids" not in batch or batch["input_ids"].device.type != "cpu":
+        return None
+    parameters = inspect.signature(owner.get_rope_index).parameters
+    required = [
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind == p.POSITIONAL_OR_KEYWORD
+    ]
+    if any(name not in batch for name in required) or "image_grid_thw" not in batch:
+        return None  # the model would not compute them either (transformers falls back to 1-D positions)
+    inputs = {name: batch[name] for name in ROPE_INPUTS if name in parameters and name in batch}
+    if "attention_mask" in parameters and "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    positions, _ = owner.get_rope_index(**inputs)
+    return positions
+
+
+def vision_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the vision encoder's first floating-point weight (None when the model has no encoder found
+    by name, or it is stored in an integer / quantized dtype)."""
+    for name, parameter in model.named_parameters():
+        if part_of(name) == "vision":
+            return parameter.dtype if parameter.is_floating_point() else None
+    return None
+
+
 def frozen_parts_to_eval(model: torch.nn.Module) -> None:
     """Put the vision encoder in eval mode when none of its weights train: a frozen encoder must give the features it
     was trained to give (batch norm with its running statistics, which must not drift; no dropout). The loop sets

@@ -242,6 +242,9 @@ class QuestionDataset(torch.utils.data.Dataset):
         self.system_prompt, self.max_pixels = config.data.system_prompt, config.data.max_image_pixels
         self.seed, self.epoch = config.train.seed, 0
         self.orders: list[list[int]] | None = None  # fixed orders per row (permutation TTA), else identity
+        # the vision encoder's weight dtype: image tensors leave the worker in it (half the bytes to share and copy
+        # to the GPU); the encoders cast their input to it first thing, so the numbers are the same
+        self.pixel_dtype: torch.dtype | None = None
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -274,6 +277,8 @@ class QuestionDataset(torch.utils.data.Dataset):
             raise UserError(f"Image {question.image} cannot be read any more: {error}") from None
         encoded = self.processor(text=[text], images=[image], return_tensors="pt")
         item = {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+        if self.pixel_dtype is not None and "pixel_values" in item and item["pixel_values"].is_floating_point():
+            item["pixel_values"] = item["pixel_values"].to(self.pixel_dtype)
         shown_answer = order.index(question.answer) if question.answer is not None else -1
         if self.with_answer:
             target = torch.tensor(self.answers.by_letter[shown_answer])[None, :]
