@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     from tunelab.config import validate_config
+    from tunelab.models import fused_inference
     from tunelab.tasks import mcqa
     from tunelab.tasks.mcqa_data import answer_tokens, collate, length_order, read_questions
 
@@ -137,6 +138,13 @@ def main() -> None:
     scorer.probabilities(model, questions[:8], permute=False)  # warm-up, as benchmarks/mcqa.py
     report["scorer_all_s"] = seconds(lambda: scorer.probabilities(model, questions, permute=False), device)
     report["scorer_samples_per_s"] = len(questions) / report["scorer_all_s"]
+    steps = (fused_inference.RMS_NORM, fused_inference.SILU_MUL, fused_inference.VISION_ROTARY)
+    for step in steps:  # the reference twins instead of the compiled steps
+        step.failed = True
+    report["unfused_scorer_all_s"] = seconds(lambda: scorer.probabilities(model, questions, permute=False), device)
+    report["unfused_samples_per_s"] = len(questions) / report["unfused_scorer_all_s"]
+    for step in steps:
+        step.failed = False
     with torch.no_grad():
         report["phases"] = phases(scorer, model, questions, device, workers)
     print(json.dumps(report, indent=2), flush=True)

@@ -51,7 +51,8 @@ def grouped_forward(
 ) -> torch.Tensor:
     """The vision attention forward of transformers' Qwen2-VL family with its per-piece loop batched: qkv, vision
     rotary embedding, attention within each piece of `cu_seqlens`, output projection."""
-    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    # the fused twin where tunelab.models.fused_inference installed it (GPU scoring), else transformers' own
+    rotary = getattr(self, "tunelab_rotary", None) or sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     seq = hidden_states.shape[0]
     query, key, value = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings

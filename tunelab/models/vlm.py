@@ -17,6 +17,7 @@ import torch
 
 from tunelab.config import MethodConfig, ModelConfig, TrainPartsConfig
 from tunelab.errors import UserError
+from tunelab.models.fused_inference import install_fused_inference
 from tunelab.models.vision_attention import install_grouped_window_attention
 
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
@@ -180,6 +181,8 @@ def load_vlm(config: ModelConfig, method_kind: str, device: torch.device, path: 
     if model.config.get_text_config().use_cache is not None:
         model.config.get_text_config().use_cache = False  # no cache in training; it conflicts with checkpointing
     install_grouped_window_attention(model)  # Qwen2-VL family under SDPA: one attention call per run of windows
+    if device.type == "cuda":  # compiled RMSNorm / SwiGLU / vision rotary when scoring (no autograd)
+        install_fused_inference(model)
     return model
 
 
