@@ -251,3 +251,15 @@ def test_rope_positions_computed_on_the_cpu_equal_the_models_own(vlm_dir: Path, 
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     # a batch that lacks the image grid gets none (the model would not build 3-D positions either)
     assert vlm.rope_positions(model, {k: v for k, v in batch.items() if k != "image_grid_thw"}) is None
+
+
+def test_half_autocast_follows_the_frozen_floating_weights() -> None:
+    model = torch.nn.Module()
+    # a 4-bit layer's storage comes first (uint8, frozen), then the frozen bf16 weights, then a trained fp32 adapter
+    model.packed = torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+    model.frozen = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16), requires_grad=False)
+    model.adapter = torch.nn.Parameter(torch.zeros(4))
+    context = mcqa.half_autocast(model, torch.device("cpu"))
+    assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16
+    model.frozen.data = model.frozen.data.float()  # fp32 frozen weights: no autocast at all
+    assert not isinstance(mcqa.half_autocast(model, torch.device("cpu")), torch.autocast)

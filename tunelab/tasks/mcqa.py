@@ -72,12 +72,15 @@ def load_questions(config: RunConfig) -> tuple[list[Question], list[Question]]:
 
 
 def half_autocast(model: torch.nn.Module, device: torch.device) -> Any:
-    """On a CPU with bf16 / fp16 frozen weights and fp32 trained ones, autocast keeps each matmul in one dtype (on
-    CUDA the accelerator's autocast does this)."""
-    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
-    if device.type != "cpu" or dtype == torch.float32:
+    """With bf16 / fp16 frozen weights and fp32 trained ones (LoRA, projector), autocast keeps each matmul in the
+    frozen weights' dtype. Training runs under the accelerator's autocast already (nesting it changes nothing);
+    scoring after training (evaluate, predict) has no accelerator, and without this would run every LoRA path in
+    fp32, slower and not the numbers validation saw during training."""
+    # floating weights only: a QLoRA model's 4-bit weights are stored as uint8
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), torch.float32)
+    if device.type not in ("cpu", "cuda") or dtype == torch.float32:
         return nullcontext()
-    return torch.autocast("cpu", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
