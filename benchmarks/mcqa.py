@@ -295,7 +295,14 @@ def seed_baseline(
 
 
 def tunelab_run(
-    model_dir: Path, train_csv: Path, test_csv: Path, steps: int, out: Path, checkpointing: bool | None, batch: int
+    model_dir: Path,
+    train_csv: Path,
+    test_csv: Path,
+    steps: int,
+    out: Path,
+    checkpointing: bool | None,
+    batch: int,
+    eval_batches: tuple[int, ...] = (32,),
 ) -> dict:
     """tunelab.tasks.mcqa.train on the same model and data, then the Scorer on the test questions."""
     from tunelab.config import validate_config
@@ -323,15 +330,22 @@ def tunelab_run(
     questions = read_questions(str(test_csv), trained.config, True, "test")
     device = next(trained.model.parameters()).device
     trained.scorer.probabilities(trained.model, questions[:8], permute=False)  # warm-up
-    _sync(device)
-    started = time.perf_counter()
-    trained.scorer.probabilities(trained.model, questions, permute=False)
-    _sync(device)
-    infer = len(questions) / (time.perf_counter() - started)
+    by_eval_batch = {}
+    for eval_batch in eval_batches:
+        config = trained.config.model_copy(
+            update={"eval": trained.config.eval.model_copy(update={"batch_size": eval_batch})}
+        )
+        scorer = mcqa.Scorer(trained.scorer.processor, trained.scorer.answers, config)
+        _sync(device)
+        started = time.perf_counter()
+        scorer.probabilities(trained.model, questions, permute=False)
+        _sync(device)
+        by_eval_batch[eval_batch] = len(questions) / (time.perf_counter() - started)
     result = {
         "train_samples_per_s": batch * (len(steps_done) - 1) / seconds,
         "train_peak_gib": summary["peak_mem_gib"],
-        "infer_samples_per_s": infer,
+        "infer_samples_per_s": by_eval_batch[eval_batches[0]],
+        "infer_samples_per_s_by_eval_batch": by_eval_batch,
         "losses": [round(r["loss"], 4) for r in steps_done[:1] + steps_done[-1:]],
     }
     del trained
@@ -385,7 +399,9 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "steps": steps}
     results["torch"], results["transformers"] = torch.__version__, __import__("transformers").__version__
     results["baseline"] = seed_baseline(model_dir, train_csv, test_csv, steps, device, size)
-    results["tunelab"] = tunelab_run(model_dir, train_csv, test_csv, steps, args.out / "run", None, args.batch)
+    results["tunelab"] = tunelab_run(
+        model_dir, train_csv, test_csv, steps, args.out / "run", None, args.batch, (32, 64)
+    )
     if device.type == "cuda":  # the same without checkpointing: faster where its memory still fits under the seeds'
         results["tunelab_no_checkpointing"] = tunelab_run(
             model_dir, train_csv, test_csv, steps, args.out / "run-nockpt", False, args.batch
@@ -405,6 +421,12 @@ def main() -> None:
             f"{r['train_samples_per_s'] / base['train_samples_per_s']:.2f} | "
             f"{r['infer_samples_per_s'] / base['infer_samples_per_s']:.2f} |"
         )
+    for name in [k for k in results if k.startswith("tunelab")]:
+        for eval_batch, rate in results[name]["infer_samples_per_s_by_eval_batch"].items():
+            lines.append(
+                f"{name}: scoring in batches of {eval_batch}: {rate:.2f} samples/s, "
+                f"{rate / base['infer_samples_per_s']:.2f}x"
+            )
     print("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

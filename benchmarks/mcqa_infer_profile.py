@@ -45,28 +45,32 @@ def seconds(fn, device: torch.device) -> float:
 def phases(scorer, model, questions, device: torch.device, workers: int) -> dict[str, float]:
     """The Scorer's loop (tunelab.tasks.mcqa.score) with every phase synchronised and timed."""
     from tunelab.tasks import mcqa
-    from tunelab.tasks.mcqa_data import collate, length_order
+    from tunelab.tasks.mcqa_data import Chunks, collate, length_order
 
     dataset = scorer.dataset(questions, with_answer=False)
     batch_size, pad_id = scorer.config.eval.batch_size, scorer.processor.tokenizer.pad_token_id
     names = ("loader_start", "wait_examples", "collate_and_positions", "to_device", "forward", "read_back")
     times = dict.fromkeys(names, 0.0)
     started = time.perf_counter()
+    order = length_order(questions, scorer.processor)
+    chunk = next(size for size in (4, 2, 1) if batch_size % size == 0) if workers else 1
+    pieces = [order[i : i + chunk] for i in range(0, len(order), chunk)]
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=length_order(questions, scorer.processor), num_workers=workers
+        Chunks(dataset, pieces, pad_id), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
     )
-    examples = iter(loader)
+    received = iter(loader)
     times["loader_start"] = time.perf_counter() - started
     for _ in range(0, len(questions), batch_size):
         t0 = time.perf_counter()
-        items = list(itertools.islice(examples, batch_size))
+        group = list(itertools.islice(received, batch_size // chunk))
         t1 = time.perf_counter()
-        batch = collate(items, pad_id)
+        batch = collate(group, pad_id, skip=("pixel_values",))
         positions = mcqa.vlm.rope_positions(model, batch)
         if positions is not None:
             batch["position_ids"] = positions
         t2 = time.perf_counter()
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        batch["pixel_values"] = torch.cat([c["pixel_values"].to(device, non_blocking=True) for c in group])
         bench._sync(device)
         t3 = time.perf_counter()
         logits = mcqa.answer_logits(model, batch, 1)

@@ -263,3 +263,18 @@ def test_half_autocast_follows_the_frozen_floating_weights() -> None:
     assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16
     model.frozen.data = model.frozen.data.float()  # fp32 frozen weights: no autocast at all
     assert not isinstance(mcqa.half_autocast(model, torch.device("cpu")), torch.autocast)
+
+
+def test_scoring_in_chunks_from_workers_equals_scoring_one_by_one(vlm_dir: Path, tmp_path: Path) -> None:
+    config, processor, answers, model, questions = setup(vlm_dir, tmp_path, n=10)
+    model.eval()
+    pad_id = processor.tokenizer.pad_token_id
+    order = list(reversed(range(len(questions))))
+    alone = QuestionDataset(questions, processor, answers, config, with_answer=True)
+    expected, expected_loss = mcqa.score(model, alone, answers, 1, pad_id, order)
+    # two workers handing over chunks of 2 (batch 6 = 3 chunks; the last batch is 4 rows = 2 chunks)
+    with_workers = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 2})})
+    chunked = QuestionDataset(questions, processor, answers, with_workers, with_answer=True)
+    actual, actual_loss = mcqa.score(model, chunked, answers, 6, pad_id, order)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    assert abs(actual_loss - expected_loss) < 1e-3 * abs(expected_loss)

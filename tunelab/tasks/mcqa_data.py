@@ -294,18 +294,37 @@ class QuestionDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: list[dict[str, torch.Tensor]], pad_id: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Left-pad the per-token tensors (every row then ends at its answer position); concatenate image tensors
-    (pixel_values, image_grid_thw, ...) and the row facts."""
+    (pixel_values, image_grid_thw, ...) and the row facts. Items are single examples or collated chunks of them.
+    Keys in `skip` are left out (the caller concatenates them elsewhere, e.g. on the GPU)."""
     width = max(item["input_ids"].shape[1] for item in items)
     batch: dict[str, torch.Tensor] = {}
     for key in items[0]:
+        if key in skip:
+            continue
         values = [item[key] for item in items]
         if key in TOKEN_KEYS:
             fill = pad_id if key == "input_ids" else 0
             values = [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values]
         batch[key] = torch.cat(values, dim=0)
     return batch
+
+
+class Chunks(torch.utils.data.Dataset):
+    """Examples of a QuestionDataset handed over a few at a time, already collated (left-padded to the chunk's
+    width). Scoring workers each prepare whole chunks: fewer, larger transfers to the main process than single
+    examples (each tensor crosses processes on its own file descriptor), and still many more pieces than batches,
+    so every worker stays busy on a small test set. `collate` merges chunks into a batch like single examples."""
+
+    def __init__(self, dataset: QuestionDataset, chunks: list[list[int]], pad_id: int) -> None:
+        self.dataset, self.chunks, self.pad_id = dataset, chunks, pad_id
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return collate([self.dataset[i] for i in self.chunks[index]], self.pad_id)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
