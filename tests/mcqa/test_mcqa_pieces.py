@@ -278,3 +278,18 @@ def test_scoring_in_chunks_from_workers_equals_scoring_one_by_one(vlm_dir: Path,
     actual, actual_loss = mcqa.score(model, chunked, answers, 6, pad_id, order)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
     assert abs(actual_loss - expected_loss) < 1e-3 * abs(expected_loss)
+
+
+def test_the_image_changes_the_answer_logits(vlm_dir: Path, tmp_path: Path) -> None:
+    """Both tiny families really read the image: the same question over two different images scores differently
+    (a tower whose features vanish would make every image-dependent test vacuous)."""
+    config, processor, answers, model, questions = setup(vlm_dir, tmp_path)
+    model.eval()
+    other = next(q for q in questions[1:] if q.image != questions[0].image)
+    swapped = [questions[0], dataclasses.replace(questions[0], image=other.image)]
+    dataset = QuestionDataset(swapped, processor, answers, config, with_answer=False)
+    batch = collate([dataset[0], dataset[1]], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k not in ("answer", "n_choices", "row")}).logits[:, -1]
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # the text is the same
+    assert (logits[0] - logits[1]).abs().max() > 1e-4

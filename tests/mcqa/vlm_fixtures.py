@@ -120,6 +120,10 @@ def save_tiny_llava(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = FastVlmForConditionalGeneration(config).to(torch.float32)
+    # transformers initialises the wrapped timm tower with its own small normal init, which after the tower's depth
+    # leaves features of ~1e-14 for every image (the images would not matter); timm's init keeps them alive
+    tower = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    model.model.vision_tower.timm_model.load_state_dict(tower.state_dict())
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True)
     processor = LlavaProcessor(
         image_processor=images,
