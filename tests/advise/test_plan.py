@@ -11,6 +11,7 @@ import yaml
 from fixtures import make_tiny_llama, make_tokenizer
 
 from tunelab.advise.plan import GPUS, apply_plan, find_gpu, make_plan, prompt_tokens, settings_for, warn_if_too_big
+from tunelab.advise.plan_images import resized_pixels
 from tunelab.advise.plan_memory import NF4_BYTES, estimate
 from tunelab.advise.plan_shapes import model_shape
 from tunelab.cli import main
@@ -229,3 +230,36 @@ def test_mcqa_full_fine_tuning_counts_fp32_training(tmp_path: Path) -> None:
     trained = plan.shape.params - plan.shape.vision_params
     assert plan.current.trainable_params == trained
     assert states.gib == pytest.approx(trained * 14 / 2**30, rel=1e-3)  # fp32 copy (+2) + gradient + moments
+
+
+def test_resized_pixels_follow_the_qwen2_vl_rule() -> None:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    budget = (56 * 56, 28 * 28 * 1280)
+    for height, width in [(64, 64), (448, 336), (1000, 3000), (20, 30), (4000, 4000), (449, 223)]:
+        h, w = smart_resize(height, width, factor=28, min_pixels=budget[0], max_pixels=budget[1])
+        assert resized_pixels(height, width, 28, budget) == h * w, (height, width)
+
+
+def test_mcqa_plan_sizes_images_from_the_data_when_image_size_is_null(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rows = ["id,image,question,a,b,c,d,answer"]
+    for index, (width, height) in enumerate([(640, 480), (1280, 960), (320, 240)]):
+        Image.new("RGB", (width, height)).save(tmp_path / f"{index}.png")
+        rows.append(f"{index},{index}.png,What colour is the shape?,red,blue,green,teal,a")
+    train = tmp_path / "train.csv"
+    train.write_text("\n".join(rows) + "\n")
+    source = {"task": "mcqa", "model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct"}, "data": {"train": str(train)}}
+    plan = make_plan(load_config(source), find_gpu("H100", None))
+    # the largest image, 1280 x 960, stays 1288 x 952 (multiples of 28) within the published budget: 1,564 tokens;
+    # the plan's square holds at least as many pixels
+    assert plan.settings.image_size == 1120 and plan.settings.image_tokens == 1600
+    assert any("largest of the first 3 training images" in reason for reason in plan.reasons)
+    fixed = make_plan(load_config(source | {"model": {**source["model"], "image_size": 448}}), find_gpu("H100", None))
+    assert fixed.settings.image_tokens == 256 and not any("image_size is null" in r for r in fixed.reasons)
+    (tmp_path / "1.png").unlink()
+    (tmp_path / "0.png").unlink()
+    (tmp_path / "2.png").unlink()
+    unread = make_plan(load_config(source), find_gpu("H100", None))
+    assert unread.settings.image_size == 448 and any("no training image could be read" in r for r in unread.reasons)

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from tunelab.advise.plan_images import image_side_from_data
 from tunelab.advise.plan_memory import Estimate, Settings, estimate
 from tunelab.advise.plan_shapes import ModelShape, model_shape
 from tunelab.config import RunConfig
@@ -114,6 +115,25 @@ def settings_for(config: RunConfig, gpu: Gpu, gpus: int = 1) -> Settings:
     )
 
 
+def size_images_from_data(config: RunConfig, shape: ModelShape, settings: Settings) -> str | None:
+    """With model.image_size null and a pixel-budget (Qwen2-VL-style) model, size the run's images from the
+    training data (plan_images.py) instead of DEFAULT_IMAGE_SIZE; returns what the plan says about it."""
+    if config.model.image_size or not shape.vision or shape.image_tokens:
+        return None
+    found = image_side_from_data(config, shape.vision["patch"], shape.vision["merge"])
+    if found is None:
+        return (
+            f"model.image_size is null and no training image could be read: sized for {DEFAULT_IMAGE_SIZE} px "
+            "images; set model.image_size to size the run (and the processor) yourself."
+        )
+    settings.image_size, read = found
+    return (
+        f"model.image_size is null: the processor keeps images near their own size; the largest of the first "
+        f"{read} training images becomes about {settings.image_size} x {settings.image_size} px, which the plan "
+        "sizes for (set model.image_size to fix one size)."
+    )
+
+
 def image_tokens(shape: ModelShape, image_size: int) -> int:
     """mcqa: the language-model tokens one image becomes: a fixed count for LLaVA-style models, else one per
     merged patch (Qwen2-VL: 14 px patches merged 2 x 2, so a 448 px image is 256 tokens)."""
@@ -184,13 +204,17 @@ def make_plan(config: RunConfig, gpu: Gpu, gpus: int = 1, shape: ModelShape | No
     """Estimate the config on `gpu` and search for settings that fit (or that use spare room)."""
     settings = settings_for(config, gpu, gpus)  # first: a task without a memory model is said before any work
     shape = shape or model_shape(config)
+    size_note = None
     if config.task == "mcqa":
+        size_note = size_images_from_data(config, shape, settings)
         settings.image_tokens = image_tokens(shape, settings.image_size)
         settings.seq_len = settings.image_tokens + prompt_tokens(config)
     current = estimate(shape, settings)
     budget = gpu.memory_gib * HEADROOM
     plan = Plan(gpu, shape, current, current.total_gib <= gpu.memory_gib, settings=copy.deepcopy(settings))
     changes, reasons = plan.changes, plan.reasons
+    if size_note:
+        reasons.append(size_note)
     if not gpu.bf16 and config.model.dtype == "bf16":
         changes["model.dtype"] = "fp16"
         reasons.append(f"{gpu.name} has no bf16: fp16 with a loss scaler (model.dtype: auto does this by itself).")
