@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from vlm_fixtures import read_json, write_config
 
 from tunelab.cli import main
@@ -50,6 +51,15 @@ def test_train_eval_predict_export(vlm_dir: Path, qa_ws: Path, capsys: pytest.Ca
     assert probs[["prob_a", "prob_b", "prob_c", "prob_d"]].sum(axis=1).round(4).eq(1.0).all()
     picked = probs[["prob_a", "prob_b", "prob_c", "prob_d"]].to_numpy().argmax(axis=1)
     assert ["abcd"[k] for k in picked] == submission["answer"].tolist()
+    # the same prediction with worker processes handing over chunks (as on a GPU machine)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["num_workers"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    again = qa_ws / "sub-workers" / "submission.csv"
+    assert run_cli("predict", run, "--data", qa_ws / "test.csv", "--out", again) == 0
+    assert pd.read_csv(again, dtype=str).equals(submission)
+    probs_again = pd.read_csv(again.with_name("probs.csv"))
+    assert (probs_again.drop(columns="id") - probs.drop(columns="id")).abs().to_numpy().max() < 1e-4
 
     assert run_cli("export", run, "--out", qa_ws / "merged", "--merge") == 0
     from transformers import AutoModelForImageTextToText, AutoProcessor
