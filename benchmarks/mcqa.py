@@ -329,7 +329,9 @@ def tunelab_run(
     trained = mcqa.load_trained(run)
     questions = read_questions(str(test_csv), trained.config, True, "test")
     device = next(trained.model.parameters()).device
-    trained.scorer.probabilities(trained.model, questions[:8], permute=False)  # warm-up
+    # warm-up on one full batch of the largest size: compiles the fused steps and lets the allocator reserve a full
+    # batch's memory once (the seeds' loop likewise skips its first question)
+    trained.scorer.probabilities(trained.model, questions[: max(eval_batches)], permute=False)
     by_eval_batch = {}
     for eval_batch in eval_batches:
         config = trained.config.model_copy(
