@@ -41,6 +41,8 @@ def test_train_eval_predict_export(vlm_dir: Path, qa_ws: Path, capsys: pytest.Ca
 
     out = qa_ws / "sub" / "submission.csv"
     assert run_cli("predict", run, "--data", qa_ws / "test.csv", "--out", out) == 0
+    shown = capsys.readouterr().err
+    assert "predict" in shown and "passes/s" in shown  # the progress bar over forward passes (rows x TTA orders)
     submission = pd.read_csv(out, dtype=str)
     test = pd.read_csv(qa_ws / "test.csv", dtype=str)
     assert list(submission.columns) == ["id", "answer"]

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from tunelab.tasks.mcqa_data import (
     model_inputs,
     read_questions,
 )
+from tunelab.track.progress import work_bar
 from tunelab.train.loop import TrainingJob
 
 META_FILE = "tunelab_mcqa.json"
@@ -118,9 +120,11 @@ def score(
     batch_size: int,
     pad_id: int,
     order: list[int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Letter probabilities [N, 8] by shown position for every row of the dataset (one forward pass each, batches
-    in `order`, results in row order), and the summed target-token loss when the dataset carries answers."""
+    in `order`, results in row order), and the summed target-token loss when the dataset carries answers.
+    `progress(n)` is told of every batch queued (a bar outside training)."""
     device = next(model.parameters()).device
     order = order if order is not None else list(range(len(dataset)))
     keep = answers.length + 1 if dataset.with_answer else 1
@@ -157,6 +161,8 @@ def score(
             batch["pixel_values"] = torch.cat([c["pixel_values"].to(device, non_blocking=True) for c in group])
         logits = answer_logits(model, batch, keep)
         shown.append(letter_probabilities(logits[:, 0], letter_ids, batch["n_choices"]))
+        if progress is not None:
+            progress(len(rows[-1]))
         if dataset.with_answer:
             length = answers.length
             targets = batch["input_ids"][:, -length:]
@@ -198,20 +204,33 @@ class Scorer:
         accuracy = float((probabilities.argmax(dim=1) == truth).float().mean())
         return {"loss": total / max(len(questions) * self.answers.length, 1), "accuracy": accuracy}
 
-    def probabilities(self, model: torch.nn.Module, questions: list[Question], permute: bool) -> torch.Tensor:
-        """[N, 8] probabilities of each original choice; with `permute`, averaged over cyclic choice orders."""
+    def rounds(self, questions: list[Question], permute: bool) -> int:
+        """Forward passes per question: 1, or the cyclic choice orders permutation TTA scores."""
+        if not permute or not questions:
+            return 1
+        rounds = max(len(q.choices) for q in questions)
+        return min(rounds, self.config.eval.tta_permutations or rounds)
+
+    def probabilities(
+        self,
+        model: torch.nn.Module,
+        questions: list[Question],
+        permute: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """[N, 8] probabilities of each original choice; with `permute`, averaged over cyclic choice orders.
+        `progress(n)` counts forward passes (rows x rounds)."""
         dataset = self.dataset(questions, with_answer=False)
         pad_id, batch = self.processor.tokenizer.pad_token_id, self.config.eval.batch_size
         order = length_order(questions, self.processor)
         if not permute:
-            return score(model, dataset, self.answers, batch, pad_id, order)[0]
-        rounds = max(len(q.choices) for q in questions)
-        rounds = min(rounds, self.config.eval.tta_permutations or rounds)
+            return score(model, dataset, self.answers, batch, pad_id, order, progress)[0]
+        rounds = self.rounds(questions, permute)
         total, counts = torch.zeros(len(questions), len(LETTERS)), torch.zeros(len(questions), 1)
         for shift in range(rounds):
             orders = [cyclic_orders(len(q.choices))[shift % len(q.choices)] for q in questions]
             dataset.orders = orders
-            shown = score(model, dataset, self.answers, batch, pad_id, order)[0]
+            shown = score(model, dataset, self.answers, batch, pad_id, order, progress)[0]
             for i, row_order in enumerate(orders):
                 if shift < len(row_order):  # a row with fewer choices than rounds has seen all its orders
                     total[i] += to_original(shown[i], row_order)
@@ -433,7 +452,8 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> dict[str, Any]:
         if not questions:
             raise UserError(f"{run_dir} has no validation split (data.valid_split is 0). Pass --data FILE.")
     permute = config.eval.tta == "permute"
-    probabilities = trained.scorer.probabilities(trained.model, questions, permute)
+    with work_bar("eval", len(questions) * trained.scorer.rounds(questions, permute), "passes") as advance:
+        probabilities = trained.scorer.probabilities(trained.model, questions, permute, advance)
     truth = torch.tensor([q.answer for q in questions])
     predicted = probabilities.argmax(dim=1)
     chosen = probabilities[torch.arange(len(truth)), truth].clamp(min=1e-12)
@@ -464,7 +484,8 @@ def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
     console.print(
         f"scoring {len(questions)} questions (batch {config.eval.batch_size}, tta {'permute' if permute else 'none'})"
     )
-    probabilities = trained.scorer.probabilities(trained.model, questions, permute)
+    with work_bar("predict", len(questions) * trained.scorer.rounds(questions, permute), "passes") as advance:
+        probabilities = trained.scorer.probabilities(trained.model, questions, permute, advance)
     width = max(len(q.choices) for q in questions)
     submission = pd.DataFrame(
         {"id": [q.id for q in questions], "answer": [LETTERS[int(k)] for k in probabilities.argmax(dim=1)]}

@@ -515,7 +515,7 @@ def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
     `tunelab predict --gpus N` each process answers every N-th batch and rank 0 writes them all in the file's order."""
     import pandas as pd
 
-    from tunelab.track.progress import console
+    from tunelab.track.progress import console, work_bar
     from tunelab.train.distributed import inference_accelerator
 
     accelerator = inference_accelerator()
@@ -528,18 +528,21 @@ def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
         f"max_new_tokens {config.eval.max_new_tokens}"
         f"{f', {accelerator.num_processes} processes' if accelerator else ''})"
     )
-    answers = generate_texts(
-        model,
-        tokenizer,
-        prompts,
-        add_special_tokens=template != "chat",
-        max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size,
-        do_sample=config.eval.do_sample,
-        temperature=config.eval.temperature,
-        num_beams=config.eval.num_beams,
-        accelerator=accelerator,
-    )
+    processes = accelerator.num_processes if accelerator else 1
+    with work_bar("predict", len(prompts)) as advance:
+        answers = generate_texts(
+            model,
+            tokenizer,
+            prompts,
+            add_special_tokens=template != "chat",
+            max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size,
+            do_sample=config.eval.do_sample,
+            temperature=config.eval.temperature,
+            num_beams=config.eval.num_beams,
+            progress=lambda n: advance(n * processes),  # rank 0 draws; every process does a like share
+            accelerator=accelerator,
+        )
     if accelerator is not None and not accelerator.is_main_process:
         return Path(out)
     out = Path(out)

@@ -214,10 +214,12 @@ def generate_summaries(
     config: RunConfig,
     accelerator: Any = None,
     synced: bool = False,
+    progress: Any = None,
 ) -> list[str]:
     """Summaries for `rows`: batched beam search / greedy with the eval settings, cleaned of special tokens (the
     registered speaker tags stay) and speaker-tag debris. With several processes (`accelerator`) each generates a
-    share of the batches and all get every summary; `synced`: the parameters are sharded across them."""
+    share of the batches and all get every summary; `synced`: the parameters are sharded across them.
+    `progress(n)`: told of every batch generated (a bar outside training)."""
     if not rows:
         return []
     prompts, _ = prompt_ids(rows, tokenizer, kind, config)
@@ -235,6 +237,7 @@ def generate_summaries(
         length_penalty=ev.length_penalty,
         no_repeat_ngram_size=ev.no_repeat_ngram_size,
         skip_special_tokens=False,  # skipping would drop the registered speaker tags too
+        progress=progress,
         accelerator=accelerator,
         synced_gpus=synced,
     )
@@ -476,7 +479,7 @@ def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
     `tunelab predict --gpus N` each process summarizes every N-th batch and rank 0 writes them all in order."""
     import pandas as pd
 
-    from tunelab.track.progress import console
+    from tunelab.track.progress import console, work_bar
     from tunelab.train.distributed import inference_accelerator
 
     accelerator = inference_accelerator()
@@ -487,7 +490,11 @@ def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
         sft._warn(f"{cut} of {len(rows)} dialogues are longer than data.max_length={config.data.max_length}: "
                   "their oldest turns are cut.")  # fmt: skip
     console.print(f"summarizing {len(rows)} dialogues (batch {config.eval.batch_size}, beams {config.eval.num_beams})")
-    summaries = generate_summaries(model, tokenizer, rows, kind, config, accelerator)
+    processes = accelerator.num_processes if accelerator else 1
+    with work_bar("predict", len(rows)) as advance:  # rank 0 draws; every process does a like share
+        summaries = generate_summaries(
+            model, tokenizer, rows, kind, config, accelerator, progress=lambda n: advance(n * processes)
+        )
     if accelerator is not None and not accelerator.is_main_process:
         return Path(out)
     out = Path(out)

@@ -1,8 +1,12 @@
-"""The training progress bar: step, loss, lr, tokens/s, ETA and GPU memory, on rank 0 only."""
+"""Progress bars on rank 0 only: training (step, loss, lr, tokens/s, ETA, GPU memory) and long work outside
+training (prediction, evaluation: rows done, rows/s, ETA)."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -56,3 +60,32 @@ class TrainProgress:
         """Stop drawing."""
         if self._progress is not None:
             self._progress.stop()
+
+
+@contextmanager
+def work_bar(label: str, total: int, unit: str = "rows") -> Iterator[Callable[[int], None]]:
+    """A bar over `total` items of work outside training (prediction, evaluation); yields `advance(n)`, called as
+    items finish. Shows items done, items a second, elapsed time and ETA on stderr; other ranks stay silent.
+    Not for use inside training, whose own bar is live (rich draws one live display at a time)."""
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task(label, total=total, rate="")
+    started, done = time.perf_counter(), 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        progress.update(task, advance=count, rate=f"{rate:,.1f} {unit}/s")
+
+    with progress:
+        yield advance
