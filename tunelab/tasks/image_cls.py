@@ -34,6 +34,7 @@ from tunelab.data.splits import stratified_split
 from tunelab.errors import UserError
 from tunelab.evaluate.metrics import classification_report, scalar_metrics
 from tunelab.models.timm_models import Normalize, check_model_name, create_model, resolve_data_config
+from tunelab.track.progress import work_bar
 from tunelab.train.loop import TrainingJob
 
 MODEL_FILE, EMA_FILE, META_FILE = "model.safetensors", "ema.safetensors", "tunelab_image_model.json"
@@ -480,12 +481,18 @@ def load_trained(run_dir: Path) -> TrainedModel:
     return TrainedModel(config, model.eval(), meta["classes"], data_config, device)
 
 
-def tta_scores(trained: TrainedModel, samples: list[ImageSample]) -> torch.Tensor:
-    """Mean class probabilities over the TTA views (eval.tta: flips when training flipped, eval.tta_scales)."""
+def tta_scales(config: RunConfig) -> list[float]:
+    """The input scales TTA scores at (one pass over the images each): eval.tta_scales, or just 1."""
+    return list(config.eval.tta_scales) if config.eval.tta else [1.0]
+
+
+def tta_scores(trained: TrainedModel, samples: list[ImageSample], progress: Any = None) -> torch.Tensor:
+    """Mean class probabilities over the TTA views (eval.tta: flips when training flipped, eval.tta_scales).
+    `progress(n)`: told of every batch of images scored (a bar outside training)."""
     from tunelab.evaluate.tta import tta_probabilities
 
     config, size = trained.config, trained.data_config["input_size"][1]
-    scales = config.eval.tta_scales if config.eval.tta else [1.0]
+    scales = tta_scales(config)
     normalize = Normalize(trained.data_config).to(trained.device)
 
     def one_pass(scale: float) -> Any:  # (positions, pixels) batches at one input size
@@ -495,6 +502,8 @@ def tta_scores(trained: TrainedModel, samples: list[ImageSample]) -> torch.Tenso
             pixels = in_layout(normalize(batch["pixels"].to(trained.device)), config)
             yield torch.arange(start, start + len(pixels)), pixels
             start += len(pixels)
+            if progress is not None:
+                progress(len(pixels))
 
     def predict(pixels: torch.Tensor) -> torch.Tensor:
         with inference_autocast(trained.device):
@@ -516,7 +525,8 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> dict[str, Any]:
         samples = load_data(trained.config).valid
         if not samples:
             raise UserError(f"{run_dir} has no validation split (data.valid_split is 0). Pass --data FILE.")
-    probabilities = tta_scores(trained, samples)
+    with work_bar("eval", len(samples) * len(tta_scales(trained.config)), "images") as advance:
+        probabilities = tta_scores(trained, samples, advance)
     index = {name: i for i, name in enumerate(trained.classes)}
     labels = torch.tensor([index[s.label] for s in samples])
     report = classification_report(probabilities, labels, trained.classes)
@@ -540,7 +550,8 @@ def predict_run(run_dir: Path, data_file: str, out: Path) -> Path:
     if not samples:
         raise UserError(f"--data {data_file} holds no images to predict.")
     samples = check_images(samples, False, trained.config.data.max_image_pixels, data_file)
-    probabilities = tta_scores(trained, samples)
+    with work_bar("predict", len(samples) * len(tta_scales(trained.config)), "images") as advance:
+        probabilities = tta_scores(trained, samples, advance)
     table = pd.DataFrame({"id": [s.id for s in samples]})
     table["label"] = [trained.classes[i] for i in probabilities.argmax(dim=1).tolist()]
     for i, name in enumerate(trained.classes):
