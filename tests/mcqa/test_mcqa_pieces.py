@@ -293,3 +293,29 @@ def test_the_image_changes_the_answer_logits(vlm_dir: Path, tmp_path: Path) -> N
         logits = model(**{k: v for k, v in batch.items() if k not in ("answer", "n_choices", "row")}).logits[:, -1]
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # the text is the same
     assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+def test_scoring_lets_lora_inputs_through_uncast_with_the_same_numbers(
+    vlm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contextlib import nullcontext
+
+    from peft.tuners.lora import LoraLayer
+
+    config, processor, answers, _, questions = setup(vlm_dir, tmp_path)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": "bf16"})})
+    model = vlm.load_vlm(config.model, "lora", torch.device("cpu"))
+    model, _ = vlm.apply_parts(model, config.method, False)  # bf16 frozen weights, fp32 adapters
+    model.eval()
+    lora = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    seen: list[bool] = []
+    lora.register_forward_pre_hook(lambda module, args: seen.append(module.cast_input_dtype_enabled))
+    dataset = QuestionDataset(questions, processor, answers, config, with_answer=True)
+    pad_id = processor.tokenizer.pad_token_id
+    uncast, uncast_loss = mcqa.score(model, dataset, answers, 4, pad_id)
+    assert seen and not any(seen) and lora.cast_input_dtype_enabled  # off while scoring, back on after
+    monkeypatch.setattr(mcqa, "lora_inputs_uncast", lambda model, active: nullcontext())
+    seen.clear()
+    cast, cast_loss = mcqa.score(model, dataset, answers, 4, pad_id)
+    assert seen and all(seen)
+    assert torch.equal(uncast, cast) and uncast_loss == cast_loss  # bf16 -> fp32 -> bf16 is exact

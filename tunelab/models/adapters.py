@@ -4,6 +4,9 @@ full fine-tuning, or freezing all but the last N blocks."""
 from __future__ import annotations
 
 import re
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -147,3 +150,36 @@ def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
         total += count
         trainable += count if parameter.requires_grad else 0
     return trainable, total
+
+
+_UNCAST_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def lora_inputs_uncast(model: torch.nn.Module, active: bool = True) -> Iterator[None]:
+    """Within an autocast to the frozen weights' half dtype, let LoRA layers take their input as it comes.
+
+    peft casts each LoRA layer's input to its adapter's dtype (fp32 for trained adapters) before the low-rank
+    matmuls, and autocast then casts it back to bf16 / fp16 for them: two full copies of the activations per
+    projection, forward and backward, for the same numbers (bf16 -> fp32 -> bf16 is exact). Inactive without
+    autocast, where the cast is what makes the dtypes match; DoRA layers keep it (their norms mix dtypes). For
+    forwards without autograd: a checkpointed block recomputed during backward runs outside this context."""
+    if not active:
+        yield
+        return
+    layers = _UNCAST_LAYERS.get(model)
+    if layers is None:  # found once per model: a walk over thousands of modules every forward adds up
+        from peft.tuners.lora import LoraLayer
+
+        layers = [
+            m for m in model.modules() if isinstance(m, LoraLayer) and not any(getattr(m, "use_dora", {}).values())
+        ]
+        _UNCAST_LAYERS[model] = layers
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            layer.cast_input_dtype_enabled = value

@@ -31,6 +31,7 @@ from tunelab.data.splits import stratified_split
 from tunelab.errors import UserError
 from tunelab.evaluate.choices import LETTERS, cyclic_orders, letter_probabilities, smoothed_letter_targets, to_original
 from tunelab.models import vlm
+from tunelab.models.adapters import lora_inputs_uncast
 from tunelab.tasks import mcqa_align
 from tunelab.tasks.mcqa_data import (
     AnswerTokens,
@@ -90,7 +91,11 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: 
     """Logits [B, keep, V] of the last `keep` positions (rows are left-padded, so they end together); the output
     head runs on those positions only."""
     device = next(model.parameters()).device
-    with half_autocast(model, device):
+    autocast = half_autocast(model, device)
+    # scoring only: under gradient checkpointing a block's recomputed forward runs outside this context, and must
+    # record the same tensors as the first one did
+    uncast = isinstance(autocast, torch.autocast) and not torch.is_grad_enabled()
+    with autocast, lora_inputs_uncast(model, active=uncast):
         return model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits.float()
 
 
