@@ -263,3 +263,16 @@ def test_mcqa_plan_sizes_images_from_the_data_when_image_size_is_null(tmp_path: 
     (tmp_path / "2.png").unlink()
     unread = make_plan(load_config(source), find_gpu("H100", None))
     assert unread.settings.image_size == 448 and any("no training image could be read" in r for r in unread.reasons)
+
+
+def test_the_qwen25vl_mcqa_recipe_fits_24gb_and_asks_for_qlora_on_a_t4(tmp_path: Path) -> None:
+    from tunelab.recipes import recipe_text
+
+    train = tmp_path / "train.csv"
+    train.write_text("id,image,question,a,b,c,d,answer\n1,x.png,What colour is the shape?,red,blue,green,teal,a\n")
+    source = yaml.safe_load(recipe_text("mcqa-qwen25vl-lora"))
+    source["data"]["train"] = str(train)
+    config = load_config(source)
+    assert make_plan(config, find_gpu("L4", None)).fits  # what the recipe's header says
+    t4 = make_plan(config, find_gpu("T4", None))
+    assert not t4.fits and t4.changes.get("method.kind") == "qlora"
