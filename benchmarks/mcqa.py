@@ -326,32 +326,35 @@ def tunelab_run(
     seconds = sum(batch / r["samples_per_s"] for r in steps_done[1:])
     summary = json.loads((run / "summary.json").read_text())
     _free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    trained = mcqa.load_trained(run)
-    questions = read_questions(str(test_csv), trained.config, True, "test")
-    device = next(trained.model.parameters()).device
-    # warm-up on one full batch of the largest size: compiles the fused steps and lets the allocator reserve a full
-    # batch's memory once (the seeds' loop likewise skips its first question)
-    trained.scorer.probabilities(trained.model, questions[: max(eval_batches)], permute=False)
-    by_eval_batch = {}
-    for eval_batch in eval_batches:
-        config = trained.config.model_copy(
-            update={"eval": trained.config.eval.model_copy(update={"batch_size": eval_batch})}
-        )
-        scorer = mcqa.Scorer(trained.scorer.processor, trained.scorer.answers, config)
-        _sync(device)
-        started = time.perf_counter()
-        scorer.probabilities(trained.model, questions, permute=False)
-        _sync(device)
-        by_eval_batch[eval_batch] = len(questions) / (time.perf_counter() - started)
+    by_eval_batch, unmerged = {}, {}
+    # the default (eval.merge_lora auto: LoRA folded in on CUDA), then the adapter kept apart, as validation scores
+    for merge, rates in ((None, by_eval_batch), (False, unmerged)):
+        trained = mcqa.load_trained(run, merge=merge)
+        questions = read_questions(str(test_csv), trained.config, True, "test")
+        device = next(trained.model.parameters()).device
+        # warm-up on one full batch of the largest size: compiles the fused steps and lets the allocator reserve a
+        # full batch's memory once (the seeds' loop likewise skips its first question)
+        trained.scorer.probabilities(trained.model, questions[: max(eval_batches)], permute=False)
+        for eval_batch in eval_batches:
+            config = trained.config.model_copy(
+                update={"eval": trained.config.eval.model_copy(update={"batch_size": eval_batch})}
+            )
+            scorer = mcqa.Scorer(trained.scorer.processor, trained.scorer.answers, config)
+            _sync(device)
+            started = time.perf_counter()
+            scorer.probabilities(trained.model, questions, permute=False)
+            _sync(device)
+            rates[eval_batch] = len(questions) / (time.perf_counter() - started)
+        del trained
+        _free(device)
     result = {
         "train_samples_per_s": batch * (len(steps_done) - 1) / seconds,
         "train_peak_gib": summary["peak_mem_gib"],
         "infer_samples_per_s": by_eval_batch[eval_batches[0]],
         "infer_samples_per_s_by_eval_batch": by_eval_batch,
+        "infer_unmerged_samples_per_s_by_eval_batch": unmerged,
         "losses": [round(r["loss"], 4) for r in steps_done[:1] + steps_done[-1:]],
     }
-    del trained
-    _free(device)
     return result
 
 
@@ -426,11 +429,15 @@ def main() -> None:
             f"{r['infer_samples_per_s'] / base['infer_samples_per_s']:.2f} |"
         )
     for name in [k for k in results if k.startswith("tunelab")]:
-        for eval_batch, rate in results[name]["infer_samples_per_s_by_eval_batch"].items():
-            lines.append(
-                f"{name}: scoring in batches of {eval_batch}: {rate:.2f} samples/s, "
-                f"{rate / base['infer_samples_per_s']:.2f}x"
-            )
+        for key, what in (
+            ("infer_samples_per_s_by_eval_batch", ""),
+            ("infer_unmerged_samples_per_s_by_eval_batch", ", LoRA unmerged"),
+        ):
+            for eval_batch, rate in results[name].get(key, {}).items():
+                lines.append(
+                    f"{name}: scoring in batches of {eval_batch}{what}: {rate:.2f} samples/s, "
+                    f"{rate / base['infer_samples_per_s']:.2f}x"
+                )
     print("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -62,6 +62,13 @@ def test_train_eval_predict_export(vlm_dir: Path, qa_ws: Path, capsys: pytest.Ca
     assert pd.read_csv(again, dtype=str).equals(submission)
     probs_again = pd.read_csv(again.with_name("probs.csv"))
     assert (probs_again.drop(columns="id") - probs.drop(columns="id")).abs().to_numpy().max() < 1e-4
+    # the adapter folded into the (float32) weights before scoring: the same probabilities (merged equals unmerged)
+    saved["eval"]["merge_lora"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    merged = qa_ws / "sub-merged" / "submission.csv"
+    assert run_cli("predict", run, "--data", qa_ws / "test.csv", "--out", merged) == 0
+    probs_merged = pd.read_csv(merged.with_name("probs.csv"))
+    assert (probs_merged.drop(columns="id") - probs.drop(columns="id")).abs().to_numpy().max() < 1e-4
 
     assert run_cli("export", run, "--out", qa_ws / "merged", "--merge") == 0
     from transformers import AutoModelForImageTextToText, AutoProcessor

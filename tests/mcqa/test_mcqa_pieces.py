@@ -319,3 +319,17 @@ def test_scoring_lets_lora_inputs_through_uncast_with_the_same_numbers(
     cast, cast_loss = mcqa.score(model, dataset, answers, 4, pad_id)
     assert seen and all(seen)
     assert torch.equal(uncast, cast) and uncast_loss == cast_loss  # bf16 -> fp32 -> bf16 is exact
+
+
+def test_merge_lora_for_scoring_follows_the_setting_and_never_merges_qlora() -> None:
+    def config(kind: str, merge: object) -> RunConfig:
+        return RunConfig(task="mcqa", method={"kind": kind}, eval={"merge_lora": merge})
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert mcqa.merge_for_scoring(config("lora", "auto"), cuda)
+    assert not mcqa.merge_for_scoring(config("lora", "auto"), cpu)  # the CPU scores as validation did
+    assert not mcqa.merge_for_scoring(config("qlora", "auto"), cuda)  # a 4-bit base cannot take the adapter
+    assert not mcqa.merge_for_scoring(config("qlora", True), cuda)
+    assert mcqa.merge_for_scoring(config("lora", True), cpu)
+    assert not mcqa.merge_for_scoring(config("lora", False), cuda)
+    assert not mcqa.merge_for_scoring(config("full", "auto"), cuda)

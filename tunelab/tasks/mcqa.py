@@ -418,8 +418,16 @@ class TrainedRun:
     scorer: Scorer
 
 
-def load_trained(run_dir: Path, merge: bool = False) -> TrainedRun:
-    """The run's best/ weights (base model + adapter, or the full model) and its saved processor, in eval mode."""
+def merge_for_scoring(config: RunConfig, device: torch.device) -> bool:
+    """Whether eval / predict fold the LoRA adapter into the weights (eval.merge_lora)."""
+    if config.eval.merge_lora == "auto":
+        return device.type == "cuda" and config.method.kind == "lora"
+    return bool(config.eval.merge_lora) and config.method.kind == "lora"
+
+
+def load_trained(run_dir: Path, merge: bool | None = None) -> TrainedRun:
+    """The run's best/ weights (base model + adapter, or the full model) and its saved processor, in eval mode.
+    `merge`: fold a LoRA adapter in (None: as eval.merge_lora says)."""
     from tunelab.config import load_config
     from tunelab.models.adapters import is_peft
 
@@ -430,6 +438,8 @@ def load_trained(run_dir: Path, merge: bool = False) -> TrainedRun:
         raise UserError(f"{run_dir} has no best/ weights yet (no evaluation finished). Resume it with --resume.")
     config = load_config(run_dir / "config.yaml")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if merge is None:
+        merge = merge_for_scoring(config, device)
     processor = vlm.load_processor(config.model, str(best), apply_size=False)
     if is_peft(config.method.kind):
         from peft import PeftModel
