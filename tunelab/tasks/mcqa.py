@@ -230,16 +230,23 @@ class Scorer:
         order = length_order(questions, self.processor)
         if not permute:
             return score(model, dataset, self.answers, batch, pad_id, order, progress)[0]
+        # every (row, cyclic order) pair in one pass: one set of loader workers, and batches of similar length
+        # across orders (all orders of a row have the same length)
         rounds = self.rounds(questions, permute)
+        views = [
+            (i, cyclic_orders(len(q.choices))[shift])
+            for shift in range(rounds)
+            for i, q in enumerate(questions)
+            if shift < len(q.choices)  # a row with fewer choices than rounds has seen all its orders
+        ]
+        dataset.views = views
+        rank = {row: position for position, row in enumerate(order)}
+        view_order = sorted(range(len(views)), key=lambda k: (rank[views[k][0]], k))
+        shown = score(model, dataset, self.answers, batch, pad_id, view_order, progress)[0]
         total, counts = torch.zeros(len(questions), len(LETTERS)), torch.zeros(len(questions), 1)
-        for shift in range(rounds):
-            orders = [cyclic_orders(len(q.choices))[shift % len(q.choices)] for q in questions]
-            dataset.orders = orders
-            shown = score(model, dataset, self.answers, batch, pad_id, order, progress)[0]
-            for i, row_order in enumerate(orders):
-                if shift < len(row_order):  # a row with fewer choices than rounds has seen all its orders
-                    total[i] += to_original(shown[i], row_order)
-                    counts[i] += 1
+        for k, (row, row_order) in enumerate(views):
+            total[row] += to_original(shown[k], row_order)
+            counts[row] += 1
         return total / counts
 
 

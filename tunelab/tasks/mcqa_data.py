@@ -241,13 +241,16 @@ class QuestionDataset(torch.utils.data.Dataset):
         self.with_answer, self.shuffle = with_answer, shuffle
         self.system_prompt, self.max_pixels = config.data.system_prompt, config.data.max_image_pixels
         self.seed, self.epoch = config.train.seed, 0
-        self.orders: list[list[int]] | None = None  # fixed orders per row (permutation TTA), else identity
+        self.orders: list[list[int]] | None = None  # fixed orders per row, else identity (or shuffled)
+        # (row, choice order) per item, replacing one item per row: permutation TTA scores every row in all its
+        # orders in one pass over the data (one set of loader workers, batches across orders)
+        self.views: list[tuple[int, list[int]]] | None = None
         # the vision encoder's weight dtype: image tensors leave the worker in it (half the bytes to share and copy
         # to the GPU); the encoders cast their input to it first thing, so the numbers are the same
         self.pixel_dtype: torch.dtype | None = None
 
     def __len__(self) -> int:
-        return len(self.questions)
+        return len(self.views) if self.views is not None else len(self.questions)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose choice orders the next items get (called by the training loop)."""
@@ -266,8 +269,8 @@ class QuestionDataset(torch.utils.data.Dataset):
         return order
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        question = self.questions[index]
-        order = self.order(index)
+        row, order = self.views[index] if self.views is not None else (index, self.order(index))
+        question = self.questions[row]
         text = self.processor.apply_chat_template(
             messages(question, order, self.system_prompt), add_generation_prompt=True, tokenize=False
         )
@@ -290,7 +293,7 @@ class QuestionDataset(torch.utils.data.Dataset):
                     item[key] = torch.cat([item[key], fill.to(item[key].dtype)], dim=1)
         item["answer"] = torch.tensor([shown_answer])
         item["n_choices"] = torch.tensor([len(question.choices)])
-        item["row"] = torch.tensor([index])
+        item["row"] = torch.tensor([index])  # the item's index (results come back in this order)
         return item
 
 
