@@ -22,6 +22,7 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.errors import RunStopped, UserError
+from tunelab.models.adapters import lora_inputs_uncast
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.distributed import Parallel, check_distributed
 from tunelab.train.ema import WeightEMA
@@ -110,20 +111,29 @@ def accumulate_window(
             torch.tensor(float(window_targets), device=accelerator.device), reduction="sum"
         ).clamp(min=1)
     loss_total = torch.zeros((), device=accelerator.device)
-    for index, batch in enumerate(micro_batches):
-        # non_blocking: a pinned batch (loader workers pin on CUDA) is copied without stalling the host
-        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
-        last = index == len(micro_batches) - 1
-        with parallel.sync_gradients(model, last), accelerator.autocast():
-            loss = job.loss_sum(model, batch)
-        if check_finite and not torch.isfinite(loss):
-            raise NonFinite("loss", float(loss.detach()))
-        if index >= real:
-            loss = loss * 0.0
-        # DDP and FSDP average gradients over processes; multiply back so the result is sum / window_targets.
-        parallel.backward(loss * world / (window_targets if world > 1 else max(window_targets, 1)), last)
-        loss_total = loss_total + loss.detach().float()
+    # under half-precision autocast, LoRA layers take their input uncast (peft's fp32 copy and autocast's copy back
+    # are two passes over the activations per projection, for the same numbers); the context spans the backward,
+    # so checkpointed blocks recompute exactly as they first ran
+    with lora_inputs_uncast(model, active=half_autocast(accelerator)):
+        for index, batch in enumerate(micro_batches):
+            # non_blocking: a pinned batch (loader workers pin on CUDA) is copied without stalling the host
+            batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+            last = index == len(micro_batches) - 1
+            with parallel.sync_gradients(model, last), accelerator.autocast():
+                loss = job.loss_sum(model, batch)
+            if check_finite and not torch.isfinite(loss):
+                raise NonFinite("loss", float(loss.detach()))
+            if index >= real:
+                loss = loss * 0.0
+            # DDP and FSDP average gradients over processes; multiply back so the result is sum / window_targets.
+            parallel.backward(loss * world / (window_targets if world > 1 else max(window_targets, 1)), last)
+            loss_total = loss_total + loss.detach().float()
     return loss_total, window_targets
+
+
+def half_autocast(accelerator: Any) -> bool:
+    """Whether the accelerator's autocast runs in bf16 / fp16 (CUDA mixed precision; never on a CPU)."""
+    return getattr(accelerator, "mixed_precision", "no") in ("bf16", "fp16")
 
 
 class NonFinite(Exception):
