@@ -10,6 +10,12 @@ torch.cuda.max_memory_allocated over loading and training, the loss is the mean 
 
     python3 benchmarks/llm_sft.py --out DIR            # all frameworks and rows; table + JSON in DIR
     python3 benchmarks/llm_sft.py --frameworks tunelab,hf --rows 1b-lora
+    python3 benchmarks/llm_sft.py --frameworks tunelab,tunelab-plain --profile   # + kernel-time tables
+
+`tunelab` is tunelab's default on CUDA (train.fast_kernels on: fused LoRA projections, liger RMSNorm / SwiGLU /
+rotary, QLoRA in bf16); `tunelab-plain` is the same with train.fast_kernels off (peft's and transformers' code
+with tunelab's fused loss), to measure what the fast path adds. `--profile` adds, per framework-row, a
+torch.profiler table of the GPU kernels of two more steps (PROFILE-<framework>-<row>.txt in --out).
 
 A framework-row that fails records its error and the others go on; `--budget-s` stops starting new work when the
 time is spent (rows left out are listed). Needs CUDA; peers' wheels from `../shared/tools/gpu-wheels.sh`.
@@ -55,6 +61,7 @@ ROWS: dict[str, tuple[str, str, int]] = {
 # issue 7's goals for tunelab: (tokens/s at least, peak GiB at most)
 GOALS = {"1b-lora": (60_000, 3.7), "1b-qlora": (57_000, 2.3), "8b-qlora": (11_500, 7.0), "8b-lora": (12_000, 16.7)}
 FRAMEWORKS = ("tunelab", "unsloth", "hf", "liger")
+EXTRA_FRAMEWORKS = ("tunelab-plain",)
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 2048
 # LLM_SFT_DEVICE=cpu with LLM_SFT_SEQ=64 runs the tunelab and hf workers on a tiny model folder (a dry run of the
@@ -98,8 +105,9 @@ def batches(micro: int, steps: int, vocab: int, seed: int = 0) -> list[Any]:
 # ----------------------------------------------------------------------------------------------- one framework
 
 
-def load_tunelab(folder: Path, method: str, micro: int) -> tuple[Any, Any, Any]:
-    """The model, optimizer and loss of tunelab's own sft path (build_model, create_optimizer, lm_loss_sum)."""
+def load_tunelab(folder: Path, method: str, micro: int, fast: bool = True) -> tuple[Any, Any, Any]:
+    """The model, optimizer and loss of tunelab's own sft path (build_model, create_optimizer, lm_loss_sum);
+    `fast`: train.fast_kernels auto (on with CUDA) or false."""
     import torch
 
     from tunelab.config import load_config
@@ -112,7 +120,13 @@ def load_tunelab(folder: Path, method: str, micro: int) -> tuple[Any, Any, Any]:
             "model": {"name": str(folder), "dtype": "bf16"},
             "method": {"kind": method, "r": 16, "alpha": 32, "dropout": 0.0, "target": "all-linear"},
             "data": {"train": "unused.jsonl", "max_length": SEQ},
-            "train": {"batch_size": micro, "grad_accum": 1, "lr": LR, "max_grad_norm": 1.0},
+            "train": {
+                "batch_size": micro,
+                "grad_accum": 1,
+                "lr": LR,
+                "max_grad_norm": 1.0,
+                "fast_kernels": "auto" if fast else False,
+            },
         }
     )
     device = torch.device(DEVICE)
@@ -185,7 +199,9 @@ def load_hf(folder: Path, method: str, framework: str) -> tuple[Any, Any, Any]:
     return model, optimizer, loss_fn
 
 
-def run_row(framework: str, row: str, folder: Path, steps: int, warmup: int) -> dict[str, Any]:
+def run_row(
+    framework: str, row: str, folder: Path, steps: int, warmup: int, profile_to: Path | None = None
+) -> dict[str, Any]:
     """Train `steps` steps of one framework-row; tokens/s, peak GiB and the last loss."""
     import torch
 
@@ -196,8 +212,8 @@ def run_row(framework: str, row: str, folder: Path, steps: int, warmup: int) -> 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    if framework == "tunelab":
-        model, optimizer, loss_fn = load_tunelab(folder, method, micro)
+    if framework.startswith("tunelab"):
+        model, optimizer, loss_fn = load_tunelab(folder, method, micro, fast=framework == "tunelab")
     else:
         model, optimizer, loss_fn = load_hf(folder, method, framework)
     load_s = time.perf_counter() - started
@@ -206,11 +222,8 @@ def run_row(framework: str, row: str, folder: Path, steps: int, warmup: int) -> 
     losses = []
     timed_from = None
     vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else 128256
-    for step, ids in enumerate(batches(micro, steps, vocab)):
-        if step == warmup:
-            if cuda:
-                torch.cuda.synchronize()
-            timed_from = time.perf_counter()
+
+    def train_step(ids: Any) -> Any:
         ids = ids.to(DEVICE, non_blocking=True)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = loss_fn(model, ids)
@@ -218,10 +231,20 @@ def run_row(framework: str, row: str, folder: Path, steps: int, warmup: int) -> 
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        return loss.detach()
+
+    data = batches(micro, steps, vocab)
+    for step, ids in enumerate(data):
+        if step == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            timed_from = time.perf_counter()
+        losses.append(train_step(ids))
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - timed_from
+    if profile_to is not None and cuda:
+        profile_to.write_text(kernel_table(train_step, data[-2:], f"{framework} {row}"), encoding="utf-8")
     tokens = micro * SEQ * (steps - warmup)
     result = {
         "framework": framework,
@@ -237,14 +260,37 @@ def run_row(framework: str, row: str, folder: Path, steps: int, warmup: int) -> 
         "load_s": round(load_s, 1),
         "trainable": sum(p.numel() for p in trainable),
     }
-    del model, optimizer, trainable, loss_fn
+    model = optimizer = trainable = loss_fn = train_step = None  # free the GPU memory before the next row
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return result
 
 
-def worker(framework: str, rows: list[str], folders: dict[str, str], steps: dict[str, int], warmup: int, out: Path):
+def kernel_table(train_step: Any, data: list[Any], title: str) -> str:
+    """torch.profiler's table of the GPU kernels of `len(data)` training steps, heaviest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for ids in data:
+            train_step(ids)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    total = sum(e.device_time_total for e in averages if e.device_type.name == "CUDA") / 1000 / len(data)
+    table = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+    return f"{title}: {len(data)} steps, GPU kernel time {total:.1f} ms a step\n{table}\n"
+
+
+def worker(
+    framework: str,
+    rows: list[str],
+    folders: dict[str, str],
+    steps: dict[str, int],
+    warmup: int,
+    out: Path,
+    profile_dir: Path | None = None,
+):
     """One framework's rows in this process (Unsloth patches transformers on import: it must come first)."""
     results = []
     if framework == "unsloth":
@@ -255,11 +301,12 @@ def worker(framework: str, rows: list[str], folders: dict[str, str], steps: dict
             results = [{"framework": framework, "row": row, "error": f"import unsloth: {error}"[:400]} for row in rows]
             out.write_text(json.dumps(results, indent=1))
             return
-    elif framework == "tunelab" or DEVICE == "cpu":  # the CPU venv needs tunelab's torchvision shim first
+    elif framework.startswith("tunelab") or DEVICE == "cpu":  # the CPU venv needs tunelab's torchvision shim first
         import tunelab  # noqa: F401
     for row in rows:
         try:
-            results.append(run_row(framework, row, Path(folders[ROWS[row][0]]), steps[row], warmup))
+            profile_to = profile_dir / f"PROFILE-{framework}-{row}.txt" if profile_dir else None
+            results.append(run_row(framework, row, Path(folders[ROWS[row][0]]), steps[row], warmup, profile_to))
         except Exception as error:  # one failing peer must not hide the others' figures
             traceback.print_exc()
             results.append({"framework": framework, "row": row, "error": f"{type(error).__name__}: {error}"[:400]})
@@ -273,12 +320,13 @@ def worker(framework: str, rows: list[str], folders: dict[str, str], steps: dict
 def table(results: list[dict[str, Any]], rows: list[str]) -> str:
     """Markdown: one line per row, one column per framework (tokens/s, peak GiB, last loss), then the goal."""
     by = {(r["framework"], r["row"]): r for r in results}
-    header = ["work", *FRAMEWORKS, "goal for tunelab", "tunelab meets goal"]
+    frameworks = [*FRAMEWORKS, *(f for f in EXTRA_FRAMEWORKS if any(r["framework"] == f for r in results))]
+    header = ["work", *frameworks, "goal for tunelab", "tunelab meets goal"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         shape, method, micro = ROWS[row]
         cells = [f"{shape} {method}, micro {micro}"]
-        for framework in FRAMEWORKS:
+        for framework in frameworks:
             r = by.get((framework, row))
             if r is None:
                 cells.append("not run")
@@ -308,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=default_workdir())
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no framework after this many seconds")
+    parser.add_argument("--profile", action="store_true", help="also write a GPU kernel table per framework-row")
+    parser.add_argument("--profile-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--build", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folders", help=argparse.SUPPRESS)
@@ -318,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         build_models(args.workdir, set(args.build.split(",")))
         return
     if args.worker:
-        worker(args.worker, rows, json.loads(args.folders), steps, args.warmup, args.out)
+        worker(args.worker, rows, json.loads(args.folders), steps, args.warmup, args.out, args.profile_dir)
         return
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, me, "--worker", framework, "--rows", ",".join(rows)]
         command += ["--folders", json.dumps(folders), "--out", str(part), "--warmup", str(args.warmup)]
         command += ["--steps-1b", str(args.steps_1b), "--steps-8b", str(args.steps_8b)]
+        command += ["--profile-dir", str(args.out.resolve())] if args.profile else []
         # keep about 45 s for each framework still to come, so one slow peer cannot starve the rest
         timeout = max(30.0, left - 45.0 * (len(frameworks) - index - 1))
         try:

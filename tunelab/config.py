@@ -334,6 +334,14 @@ class TrainConfig(Section):
         description="fsdp / deepspeed-*: keep the sharded optimizer state (and, with fsdp or zero3, the sharded "
         "parameters) in CPU memory, moved to the GPU when used: less GPU memory, slower steps.",
     )
+    fast_kernels: bool | Literal["auto"] = Field(
+        "auto",
+        description="sft / summarize (decoder LMs): the GPU fast path of LoRA training: each LoRA projection as one "
+        "function (the low-rank product added inside the base GEMM), liger-kernel's RMSNorm, SwiGLU and rotary "
+        "kernels (Llama, Mistral, Qwen2, Qwen3), and QLoRA's norms and embeddings kept in bf16 instead of fp32. "
+        "Same losses within bf16 rounding, faster and smaller. auto: on with CUDA for one process or ddp, off on "
+        "CPUs, fsdp and deepspeed (whose sharded weights it does not handle).",
+    )
     fused_loss: bool | Literal["auto"] = Field(
         "auto",
         description="sft: compute the output head and the cross-entropy together, chunk by chunk over the answer "

@@ -27,12 +27,15 @@ def apply_method(
     method: MethodConfig,
     gradient_checkpointing: bool,
     trainable_token_indices: list[int] | None = None,
+    keep_half: bool = False,
 ) -> torch.nn.Module:
     """Make only the method's parameters trainable and return the model to train (a PeftModel for adapters).
 
     `trainable_token_indices`: embedding rows trained beside a LoRA / QLoRA / DoRA adapter and saved with it (rows
-    of tokens added to the tokenizer); peft keeps a tied output head in step."""
-    if method.kind == "qlora":
+    of tokens added to the tokenizer); peft keeps a tied output head in step.
+    `keep_half` (QLoRA, the bf16 fast path): skip peft's prepare_model_for_kbit_training, which upcasts every
+    non-quantized weight (norms, embeddings, head) to fp32; the rest of its preparation is the LoRA branch's."""
+    if method.kind == "qlora" and not keep_half:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

@@ -23,8 +23,9 @@ from tunelab.data.templates import resolve_template
 from tunelab.errors import UserError
 from tunelab.evaluate import rouge as rougelib
 from tunelab.evaluate.generate import generate_texts
+from tunelab.kernels.fast_path import apply_fast_kernels, keep_half_norms
 from tunelab.models import adapters
-from tunelab.models.load import load_lm, load_tokenizer, model_architecture, use_gradient_checkpointing
+from tunelab.models.load import load_lm, load_tokenizer, model_architecture, resolve_dtype, use_gradient_checkpointing
 from tunelab.tasks import sft
 from tunelab.tasks import summarize_data as sd
 from tunelab.train.loop import TrainingJob
@@ -129,7 +130,10 @@ def build_model(config: RunConfig, device: torch.device, tokenizer: Any, kind: s
             "keep their initial embedding (the mean of their pieces). Use lora or full to train them."
         )
     checkpointing = use_gradient_checkpointing(config.model, device)
-    return adapters.apply_method(model, config.method, checkpointing, new_ids if lora else None)
+    keep_half = keep_half_norms(config, device, resolve_dtype(config.model.dtype, device))
+    model = adapters.apply_method(model, config.method, checkpointing, new_ids if lora else None, keep_half)
+    apply_fast_kernels(model, config, device)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- loss

@@ -1,0 +1,61 @@
+"""train.fast_kernels wiring: auto leaves CPU runs on peft's and transformers' code (their numbers unchanged);
+true installs the LoRA projections on a CPU too, and the first steps' losses match the plain path's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunelab.config import load_config
+from tunelab.kernels.fast_path import fast_kernels_enabled
+from tunelab.kernels.lora_projection import fast_lora_forward
+from tunelab.tasks import sft
+
+CPU = torch.device("cpu")
+
+
+def config_for(model_dir: Path, fast: bool | str) -> object:
+    return load_config(
+        {
+            "model": {"name": str(model_dir), "dtype": "fp32"},
+            "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": "unused.jsonl"},
+            "train": {"fast_kernels": fast},
+        }
+    )
+
+
+def fused_layers(model: torch.nn.Module) -> int:
+    return sum(getattr(m.forward, "__func__", None) is fast_lora_forward for m in model.modules())
+
+
+def test_auto_is_off_on_cpu_and_on_for_one_cuda_process(tiny_model_dir: Path) -> None:
+    config = config_for(tiny_model_dir, "auto")
+    assert not fast_kernels_enabled(config, CPU)
+    assert fast_kernels_enabled(config, torch.device("cuda"))
+    config.train.distributed = "fsdp"
+    assert not fast_kernels_enabled(config, torch.device("cuda"))
+    assert fused_layers(sft.build_model(config_for(tiny_model_dir, "auto"), CPU)) == 0
+
+
+def test_forced_on_cpu_trains_like_the_plain_path(tiny_model_dir: Path) -> None:
+    losses = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = sft.build_model(config_for(tiny_model_dir, fast), CPU).train()
+        assert (fused_layers(model) > 0) == fast
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        generator = torch.Generator().manual_seed(1)
+        losses[fast] = []
+        for _ in range(4):
+            ids = torch.randint(0, 200, (2, 32), generator=generator)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            loss = sft.lm_loss_sum(model, batch) / (2 * 31)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[fast].append(float(loss))
+    assert losses[True][-1] != losses[True][0]  # B moved off zero: the low-rank path carries the later steps
+    for plain, fast in zip(losses[False], losses[True], strict=True):
+        assert abs(plain - fast) / plain < 1e-5

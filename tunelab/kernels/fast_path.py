@@ -1,0 +1,43 @@
+"""The GPU fast path of LoRA / QLoRA training for decoder LMs (train.fast_kernels), put together.
+
+- kernels/lora_projection.py: every LoRA projection as one autograd function, the low-rank product added inside
+  the base GEMM (pure PyTorch; works on any device, on by default only with CUDA);
+- kernels/fast_blocks.py: liger-kernel's RMSNorm, SwiGLU and rotary kernels (CUDA, Llama-family models);
+- QLoRA keeps the norms and embeddings in bf16 (peft's prepare_model_for_kbit_training upcasts them to fp32,
+  which doubles the embedding and head memory and makes every head product cast the weight back to bf16).
+
+The fused cross-entropy (train.fused_loss, kernels/causal_lm_loss.py) is separate and on by default with CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.kernels.fast_blocks import install_fast_blocks
+from tunelab.kernels.lora_projection import install_lora_projections
+
+
+def fast_kernels_enabled(config: RunConfig, device: torch.device) -> bool:
+    """train.fast_kernels resolved: auto is on with CUDA for one process or DDP; true forces it (the CPU then
+    gets only the LoRA projections); false keeps transformers' and peft's code everywhere."""
+    setting = config.train.fast_kernels
+    if setting == "auto":
+        return device.type == "cuda" and config.train.distributed == "ddp"
+    return bool(setting)
+
+
+def keep_half_norms(config: RunConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether QLoRA should keep non-quantized weights in bf16 (fast path on, bf16 compute)."""
+    return config.method.kind == "qlora" and dtype == torch.bfloat16 and fast_kernels_enabled(config, device)
+
+
+def apply_fast_kernels(model: torch.nn.Module, config: RunConfig, device: torch.device) -> dict[str, int]:
+    """Install the fast path on `model` (on its device) when enabled; returns how many modules of each kind
+    changed (empty when off)."""
+    if not fast_kernels_enabled(config, device):
+        return {}
+    counts = {"lora_projection": install_lora_projections(model)}
+    if device.type == "cuda":
+        counts.update(install_fast_blocks(model))
+    return counts
