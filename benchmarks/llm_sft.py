@@ -13,9 +13,10 @@ torch.cuda.max_memory_allocated over loading and training, the loss is the mean 
     python3 benchmarks/llm_sft.py --frameworks tunelab,tunelab-plain --profile   # + kernel-time tables
 
 `tunelab` is tunelab's default on CUDA (train.fast_kernels on: fused LoRA projections, liger RMSNorm / SwiGLU /
-rotary, QLoRA in bf16); `tunelab-plain` is the same with train.fast_kernels off (peft's and transformers' code
-with tunelab's fused loss), to measure what the fast path adds. `--profile` adds, per framework-row, a
-torch.profiler table of the GPU kernels of two more steps (PROFILE-<framework>-<row>.txt in --out).
+rotary, QLoRA in bf16; model.offload_checkpoints on: layer inputs in CPU memory); `tunelab-no-offload` keeps the
+layer inputs on the GPU; `tunelab-plain` is tunelab with train.fast_kernels and offload off (peft's and
+transformers' code with tunelab's fused loss), to measure what the fast path adds. `--profile` adds, per
+framework-row, a torch.profiler table of the GPU kernels of two more steps (PROFILE-<framework>-<row>.txt in --out).
 
 A framework-row that fails records its error and the others go on; `--budget-s` stops starting new work when the
 time is spent (rows left out are listed). Needs CUDA; peers' wheels from `../shared/tools/gpu-wheels.sh`.
@@ -61,7 +62,7 @@ ROWS: dict[str, tuple[str, str, int]] = {
 # issue 7's goals for tunelab: (tokens/s at least, peak GiB at most)
 GOALS = {"1b-lora": (60_000, 3.7), "1b-qlora": (57_000, 2.3), "8b-qlora": (11_500, 7.0), "8b-lora": (12_000, 16.7)}
 FRAMEWORKS = ("tunelab", "unsloth", "hf", "liger")
-EXTRA_FRAMEWORKS = ("tunelab-plain",)
+EXTRA_FRAMEWORKS = ("tunelab-no-offload", "tunelab-plain")
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 2048
 # LLM_SFT_DEVICE=cpu with LLM_SFT_SEQ=64 runs the tunelab and hf workers on a tiny model folder (a dry run of the
@@ -105,9 +106,11 @@ def batches(micro: int, steps: int, vocab: int, seed: int = 0) -> list[Any]:
 # ----------------------------------------------------------------------------------------------- one framework
 
 
-def load_tunelab(folder: Path, method: str, micro: int, fast: bool = True) -> tuple[Any, Any, Any]:
+def load_tunelab(
+    folder: Path, method: str, micro: int, fast: bool = True, offload: bool = False
+) -> tuple[Any, Any, Any]:
     """The model, optimizer and loss of tunelab's own sft path (build_model, create_optimizer, lm_loss_sum);
-    `fast`: train.fast_kernels auto (on with CUDA) or false."""
+    `fast`: train.fast_kernels auto (on with CUDA) or false; `offload`: model.offload_checkpoints."""
     import torch
 
     from tunelab.config import load_config
@@ -117,7 +120,7 @@ def load_tunelab(folder: Path, method: str, micro: int, fast: bool = True) -> tu
 
     config = load_config(
         {
-            "model": {"name": str(folder), "dtype": "bf16"},
+            "model": {"name": str(folder), "dtype": "bf16", "offload_checkpoints": "auto" if offload else False},
             "method": {"kind": method, "r": 16, "alpha": 32, "dropout": 0.0, "target": "all-linear"},
             "data": {"train": "unused.jsonl", "max_length": SEQ},
             "train": {
@@ -213,7 +216,8 @@ def run_row(
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     if framework.startswith("tunelab"):
-        model, optimizer, loss_fn = load_tunelab(folder, method, micro, fast=framework == "tunelab")
+        fast, offload = framework != "tunelab-plain", framework == "tunelab"
+        model, optimizer, loss_fn = load_tunelab(folder, method, micro, fast=fast, offload=offload)
     else:
         model, optimizer, loss_fn = load_hf(folder, method, framework)
     load_s = time.perf_counter() - started

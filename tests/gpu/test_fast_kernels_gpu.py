@@ -161,7 +161,7 @@ def train_curve(fast: bool, method: str = "lora", steps: int = 50) -> tuple[list
         smoke.save_model_dir(folder, smoke.LLAMA_32_1B)
     config = load_config(
         {
-            "model": {"name": str(folder), "dtype": "bf16"},
+            "model": {"name": str(folder), "dtype": "bf16", "offload_checkpoints": "auto" if fast else False},
             "method": {"kind": method, "r": 16, "alpha": 32, "dropout": 0.0, "target": "all-linear"},
             "data": {"train": "unused.jsonl", "max_length": 2048},
             "train": {"lr": 2e-4, "fast_kernels": fast},
@@ -204,3 +204,50 @@ def test_50_step_loss_curve_fast_equals_plain(method: str) -> None:
     assert plain[-1] < plain[0] - 0.5  # the curve moves, so equality says something
     assert worst < 0.01
     assert fast_peak <= plain_peak + 0.05
+
+
+def test_offloaded_checkpoints_give_the_same_gradients_in_less_memory() -> None:
+    """model.offload_checkpoints: the same loss and adapter gradients (up to the run-to-run noise of the attention
+    backward, measured by running the plain model twice), less peak GPU memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.config import MethodConfig
+    from tunelab.kernels.offload import offload_checkpoints
+    from tunelab.models import adapters
+
+    results = []
+    for offload in (False, False, True):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        shape = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=32)
+        with torch.device("cuda"):
+            base = LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=8, vocab_size=32000, use_cache=False))
+        base = base.to(torch.bfloat16)
+        model = adapters.apply_method(base, MethodConfig(kind="lora", r=16, alpha=32, dropout=0.0), True).train()
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02)
+        if offload:
+            assert offload_checkpoints(model) == 8
+        ids = torch.randint(0, 32000, (4, 2048), generator=torch.Generator().manual_seed(1)).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss.detach()), grads, (torch.cuda.max_memory_allocated() - before) / 2**30))
+        del model, base, loss
+    (plain_loss, plain, plain_peak), (_, again, _), (loss, grads, peak) = results
+    noise = max(rel_err(again[name], plain[name]) for name in plain)
+    worst = max(rel_err(grads[name], plain[name]) for name in plain)
+    print(
+        f"\noffload: loss {plain_loss:.5f} / {loss:.5f}; gradient difference {worst:.1e} (plain run to run "
+        f"{noise:.1e}); peak above the weights {plain_peak:.2f} / {peak:.2f} GiB"
+    )
+    assert loss == plain_loss
+    assert worst <= max(3 * noise, 1e-6)
+    assert peak < plain_peak - 0.15  # 8 layers x 4 x 2048 x 2048 bf16 = 256 MiB of layer inputs moved out

@@ -16,6 +16,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.kernels.fast_blocks import install_fast_blocks
 from tunelab.kernels.lora_projection import install_lora_projections
+from tunelab.kernels.offload import offload_checkpoints
 
 
 def fast_kernels_enabled(config: RunConfig, device: torch.device) -> bool:
@@ -41,3 +42,16 @@ def apply_fast_kernels(model: torch.nn.Module, config: RunConfig, device: torch.
     if device.type == "cuda":
         counts.update(install_fast_blocks(model))
     return counts
+
+
+def apply_checkpoint_offload(model: torch.nn.Module, config: RunConfig, device: torch.device) -> int:
+    """model.offload_checkpoints: move the checkpointed layers' inputs to CPU memory (CUDA, checkpointing on);
+    returns how many layers. auto: decoder-only models, one process or ddp."""
+    setting = config.model.offload_checkpoints
+    if device.type != "cuda" or not setting:
+        return 0
+    if setting == "auto":
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        if encoder_decoder or config.train.distributed != "ddp":
+            return 0
+    return offload_checkpoints(model)

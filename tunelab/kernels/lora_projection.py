@@ -48,7 +48,10 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 class LoraProjection(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T with W frozen; gradients for x, A and B (all in x's dtype)."""
+    """y = x W^T + b + s (x A^T) B^T with W frozen, computed in x's dtype; gradients for x, A and B.
+
+    A and B may be kept in another dtype (peft trains them in fp32): they are cast inside, and their gradients
+    returned in their own dtype, so no autograd cast nodes sit around every projection."""
 
     @staticmethod
     def forward(
@@ -60,28 +63,32 @@ class LoraProjection(torch.autograd.Function):
         scaling: float,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        weight = dense_weight(base, x.dtype)
+        dtype = x.dtype
+        weight = dense_weight(base, dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
-        low = flat @ lora_a.t()  # tokens x r
+        low = flat @ a.t()  # tokens x r
         out = F.linear(flat, weight, bias)
-        out.addmm_(low, lora_b.t(), alpha=scaling)  # the low-rank path added inside the GEMM, no extra pass
-        ctx.save_for_backward(x, low, lora_a, lora_b)
-        ctx.base, ctx.scaling = base, scaling
+        out.addmm_(low, b.t(), alpha=scaling)  # one pass over the output instead of peft's three
+        ctx.save_for_backward(x, low, a, b)
+        ctx.base, ctx.scaling, ctx.adapter_dtypes = base, scaling, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, low, lora_a, lora_b = ctx.saved_tensors
+        x, low, a, b = ctx.saved_tensors
         scaling = ctx.scaling
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         flat = x.reshape(-1, x.shape[-1])
-        grad_low = (grad @ lora_b).mul_(scaling)  # tokens x r: dL/d(x A^T)
-        grad_b = (grad.t() @ low).mul_(scaling) if ctx.needs_input_grad[3] else None
-        grad_a = grad_low.t() @ flat if ctx.needs_input_grad[2] else None
-        grad_x = None
+        grad_low = (grad @ b).mul_(scaling)  # tokens x r: dL/d(x A^T)
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[3]:
+            grad_b = (grad.t() @ low).mul_(scaling).to(ctx.adapter_dtypes[1])
+        if ctx.needs_input_grad[2]:
+            grad_a = (grad_low.t() @ flat).to(ctx.adapter_dtypes[0])
         if ctx.needs_input_grad[0]:
             grad_x = grad @ dense_weight(ctx.base, grad.dtype)
-            grad_x.addmm_(grad_low, lora_a)
+            grad_x.addmm_(grad_low, a)
             grad_x = grad_x.view(x.shape)
         return grad_x, None, grad_a, grad_b, None, None
 
@@ -132,9 +139,8 @@ def fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         dtype = _compute_dtype(x, weight_dtype, lora_a.dtype)
         if dtype is not None:
             bias = base.bias.to(dtype) if base.bias is not None else None
-            scaling = float(self.scaling[name])
             with torch.autocast(x.device.type, enabled=False):
-                return LoraProjection.apply(x.to(dtype), base, lora_a.to(dtype), lora_b.to(dtype), scaling, bias)
+                return LoraProjection.apply(x.to(dtype), base, lora_a, lora_b, float(self.scaling[name]), bias)
     return type(self).forward(self, x, *args, **kwargs)
 
 
