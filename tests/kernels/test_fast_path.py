@@ -59,3 +59,25 @@ def test_forced_on_cpu_trains_like_the_plain_path(tiny_model_dir: Path) -> None:
     assert losses[True][-1] != losses[True][0]  # B moved off zero: the low-rank path carries the later steps
     for plain, fast in zip(losses[False], losses[True], strict=True):
         assert abs(plain - fast) / plain < 1e-5
+
+
+def test_offload_hooks_wrap_each_checkpointed_layer_and_leave_cpu_tensors(tiny_model_dir: Path) -> None:
+    """The hooks go around every decoder layer's checkpoint once; CPU tensors pass through untouched (the copies
+    to pinned memory are for CUDA tensors, checked in tests/gpu/test_fast_kernels_gpu.py)."""
+    from tunelab.kernels.fast_path import apply_checkpoint_offload
+    from tunelab.kernels.offload import OffloadHooks, offload_checkpoints
+
+    config = config_for(tiny_model_dir, False)
+    config.model.gradient_checkpointing = True
+    model = sft.build_model(config, CPU).train()
+    assert apply_checkpoint_offload(model, config, CPU) == 0  # auto: nothing to move on a CPU
+    layers = len(model.get_base_model().model.layers)
+    assert offload_checkpoints(model) == layers
+    assert offload_checkpoints(model) == 0  # already wrapped
+    tensor = torch.randn(4, 1 << 20)
+    hooks = OffloadHooks()
+    assert hooks.unpack(hooks.pack(tensor)) is tensor
+    ids = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    sft.lm_loss_sum(model, batch).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
