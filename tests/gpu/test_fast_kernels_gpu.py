@@ -80,13 +80,17 @@ def test_lora_projection_on_4bit_weights_equals_reference() -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
     dense = torch.nn.Linear(2048, 8192, bias=False, dtype=torch.bfloat16)
     base = bnb.nn.Linear4bit(2048, 8192, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    base.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
     base = base.cuda()  # quantizes
     x = torch.randn(4, 1024, 2048, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
     a = (torch.randn(16, 2048, device="cuda", generator=g) / 45).to(torch.bfloat16).requires_grad_()
     b = (torch.randn(8192, 16, device="cuda", generator=g) / 4).to(torch.bfloat16).requires_grad_()
     grad = torch.randn(4, 1024, 8192, device="cuda", generator=g)
     fast = run(lambda x, a, b: LoraProjection.apply(x, base, a, b, 2.0, None), [x, a, b], grad)
+    # tunelab's direct dequantization equals bitsandbytes' own, bit for bit
+    assert torch.equal(
+        dense_weight(base, torch.bfloat16), bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    )
     weight = dense_weight(base, torch.float32)  # the dequantized nf4 weight: the function's own base
     reference = run(lambda x, a, b: lora_projection_reference(x, weight, a, b, 2.0), fp32([x, a, b]), grad)
     compare(fast, reference, 1e-2, "lora projection nf4")

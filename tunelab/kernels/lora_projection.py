@@ -41,10 +41,32 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
-        import bitsandbytes.functional as bnb_functional
-
-        weight = bnb_functional.dequantize_4bit(weight.data, quant_state)
+        weight = dequantize_nf4(weight.data, quant_state)
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """bitsandbytes.functional.dequantize_4bit(packed, quant_state), calling its two registered ops directly.
+
+    The same kernels and the same values; what it skips is the wrapper's argument checks, which run for every
+    projection three times a step (forward, recompute, backward) and made a 1B QLoRA step wait on the CPU.
+    Anything unusual goes through bitsandbytes' own function."""
+    import bitsandbytes.functional as bnb_functional
+
+    nested = quant_state.nested
+    state2 = quant_state.state2 if nested else None
+    usual = quant_state.quant_type in ("nf4", "fp4") and packed.is_cuda
+    if not usual or (nested and (state2.nested or state2.absmax.device != packed.device)):
+        return bnb_functional.dequantize_4bit(packed, quant_state)
+    ops = torch.ops.bitsandbytes
+    absmax = quant_state.absmax
+    if nested:  # double quantization: the block scales are themselves 8-bit blockwise-quantized
+        code = state2.code if state2.code.device == packed.device else state2.code.to(packed.device)
+        absmax = ops.dequantize_blockwise.default(absmax, state2.absmax, code, state2.blocksize, state2.dtype)
+        absmax += quant_state.offset
+        absmax = absmax if absmax.dtype == torch.float32 else absmax.float()
+    shape, dtype = quant_state.shape, quant_state.dtype
+    return ops.dequantize_4bit.default(packed, absmax, quant_state.blocksize, quant_state.quant_type, shape, dtype)
 
 
 class LoraProjection(torch.autograd.Function):
