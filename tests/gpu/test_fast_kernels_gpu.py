@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tunelab.kernels import fast_blocks
-from tunelab.kernels.lora_projection import LoraProjection, dense_weight, lora_projection_reference
+from tunelab.kernels.lora_projection import LoraProjection, _bnb_library, dense_weight, lora_projection_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,12 +75,15 @@ def test_lora_projection_equals_reference(dtype: torch.dtype, tol: float) -> Non
         compare(fast, reference, tol, f"lora projection {dtype} {features_in}->{features_out}")
 
 
-def test_lora_projection_on_4bit_weights_equals_reference() -> None:
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_lora_projection_on_4bit_weights_equals_reference(double_quant: bool) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     g = torch.Generator(device="cuda").manual_seed(1)
     dense = torch.nn.Linear(2048, 8192, bias=False, dtype=torch.bfloat16)
     base = bnb.nn.Linear4bit(2048, 8192, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    base.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(
+        dense.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=double_quant
+    )
     base = base.cuda()  # quantizes
     x = torch.randn(4, 1024, 2048, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
     a = (torch.randn(16, 2048, device="cuda", generator=g) / 45).to(torch.bfloat16).requires_grad_()
@@ -88,6 +91,7 @@ def test_lora_projection_on_4bit_weights_equals_reference() -> None:
     grad = torch.randn(4, 1024, 8192, device="cuda", generator=g)
     fast = run(lambda x, a, b: LoraProjection.apply(x, base, a, b, 2.0, None), [x, a, b], grad)
     # tunelab's direct dequantization equals bitsandbytes' own, bit for bit
+    assert _bnb_library() is not None  # the direct path is the one under test
     assert torch.equal(
         dense_weight(base, torch.bfloat16), bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
     )
