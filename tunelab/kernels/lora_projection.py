@@ -17,8 +17,6 @@ compares them on the CPU (fp32) and tests/gpu/test_fast_kernels_gpu.py on CUDA (
 
 from __future__ import annotations
 
-import ctypes as ct
-import functools
 import types
 from typing import Any
 
@@ -43,79 +41,10 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
-        weight = dequantize_nf4(weight.data, quant_state)
-    return weight if weight.dtype == dtype else weight.to(dtype)
-
-
-def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
-    """bitsandbytes.functional.dequantize_4bit(packed, quant_state): the same CUDA kernels, launched directly.
-
-    bitsandbytes reaches its kernels through its Python wrapper, a registered torch op and a Python kernel that
-    switches the CUDA device each call; for every projection three times a step (forward, recompute, backward)
-    that made a 1B QLoRA step wait on the CPU (H100 profile: ~130 us of CPU per dequantization, GPU idle 25% of
-    the step). Here the library's two C functions are called as its own CUDA backend calls them. Anything
-    unusual (another device than the current one, a quantization layout it does not expect, a bitsandbytes
-    without these functions) goes through bitsandbytes' own function; tests/gpu checks both are bit-identical."""
-    lib = _bnb_library()
-    nested = quant_state.nested
-    state2 = quant_state.state2 if nested else None
-    usual = (
-        lib is not None
-        and packed.is_cuda
-        and packed.device.index == torch.cuda.current_device()
-        and quant_state.quant_type in ("nf4", "fp4")
-        and quant_state.dtype in _DEQUANT_NAMES
-        and quant_state.absmax.is_contiguous()
-        and (nested or quant_state.absmax.dtype == torch.float32)
-        and packed.is_contiguous()
-    )
-    if usual and nested:
-        usual = not state2.nested and state2.dtype == state2.absmax.dtype == torch.float32
-        usual = usual and state2.code.device == packed.device
-    if not usual:
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(packed, quant_state)
-    stream = ct.c_void_p(torch._C._cuda_getCurrentRawStream(packed.device.index))
-    absmax = quant_state.absmax
-    if nested:  # double quantization: the block scales are themselves 8-bit blockwise-quantized
-        scales = torch.empty(absmax.shape, dtype=torch.float32, device=packed.device)
-        lib.cdequantize_blockwise_fp32(
-            _ptr(state2.code), _ptr(absmax), _ptr(state2.absmax), _ptr(scales),
-            ct.c_int32(state2.blocksize), ct.c_int32(absmax.numel()), stream,
-        )  # fmt: skip
-        scales += quant_state.offset
-        absmax = scales
-    out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=packed.device)
-    function = getattr(lib, f"cdequantize_blockwise_{_DEQUANT_NAMES[quant_state.dtype]}_{quant_state.quant_type}")
-    function(
-        None, _ptr(packed), _ptr(absmax), _ptr(out), ct.c_int32(quant_state.blocksize), ct.c_int32(out.numel()), stream
-    )
-    return out
-
-
-_DEQUANT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _ptr(tensor: torch.Tensor) -> ct.c_void_p:
-    return ct.c_void_p(tensor.data_ptr())
-
-
-@functools.cache
-def _bnb_library() -> Any:
-    """bitsandbytes' native CUDA library when it has the dequantization functions used here, else None."""
-    try:
-        from bitsandbytes.cextension import lib
-    except Exception:  # noqa: BLE001 - not installed, or no CUDA build: bitsandbytes' own path decides
-        return None
-    names = ["cdequantize_blockwise_fp32"]
-    names += [f"cdequantize_blockwise_{d}_{q}" for d in _DEQUANT_NAMES.values() for q in ("nf4", "fp4")]
-    raw = getattr(lib, "_lib", None)  # the ctypes CDLL (its wrapper answers any name, failing only when called)
-    if not getattr(lib, "compiled_with_cuda", False) or raw is None:
-        return None
-    if any(getattr(raw, name, None) is None for name in names):
-        return None
-    return lib
+        weight = bnb_functional.dequantize_4bit(weight.data, quant_state)
+    return weight if weight.dtype == dtype else weight.to(dtype)
 
 
 class LoraProjection(torch.autograd.Function):
