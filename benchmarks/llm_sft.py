@@ -18,6 +18,9 @@ layer inputs on the GPU; `tunelab-plain` is tunelab with train.fast_kernels and 
 transformers' code with tunelab's fused loss), to measure what the fast path adds. `--profile` adds, per
 framework-row, a torch.profiler table of the GPU kernels of two more steps (PROFILE-<framework>-<row>.txt in --out).
 
+The real-length mode (seed-001-like dialogue lengths, packed against padded, effective tokens/s) is the sibling
+script benchmarks/llm_sft_packed.py.
+
 A framework-row that fails records its error and the others go on; `--budget-s` stops starting new work when the
 time is spent (rows left out are listed). Needs CUDA; peers' wheels from `../shared/tools/gpu-wheels.sh`.
 """
