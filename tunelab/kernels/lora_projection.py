@@ -6,10 +6,11 @@ in backward, and under autocast peft first copies the input to the adapter's fp3
 the MLP projections of a 1B model at 8k tokens a step that is ~128 MiB per pass, per layer, three times a step
 (forward, checkpoint recompute, backward).
 
-`LoraProjection` folds the low-rank product into the base product's output with one `addmm_` (cuBLAS adds it in
-the GEMM epilogue: no extra pass), and its backward computes the input gradient as `dY W + s (dY B) A` the same way.
-It saves only what peft's modules save (the input and the rank-r intermediate), never the dequantized weight of a
-4-bit layer: that is dequantized again in backward, as bitsandbytes does.
+`LoraProjection` adds the low-rank product to the base product's output with one `addmm_` (a rank-r GEMM that
+reads and writes the output once: one pass instead of peft's three; the H100 profile in BENCHMARKS.md puts these
+passes at ~11% of a 1B LoRA step), and its backward computes the input gradient as `dY W + s (dY B) A` the same
+way. It saves only what peft's modules save (the input and the rank-r intermediate), never the dequantized weight
+of a 4-bit layer: that is dequantized again in backward, as bitsandbytes does.
 
 `lora_projection_reference` is the plain PyTorch twin (peft's own formula). tests/kernels/test_lora_projection.py
 compares them on the CPU (fp32) and tests/gpu/test_fast_kernels_gpu.py on CUDA (bf16).
