@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.kernels.lora_mlp import fused_lora_mlp
+
 # modeling modules whose RMSNorm, gated MLP and apply_rotary_pos_emb are exactly the references below
 FAMILIES = {
     "llama": "transformers.models.llama.modeling_llama",
@@ -101,6 +103,10 @@ def _norm_forward(self: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self: Any, hidden: torch.Tensor) -> torch.Tensor:
+    if hidden.is_cuda:
+        fused = fused_lora_mlp(self, hidden)  # all three projections LoRA: one function, low-rank terms inside
+        if fused is not None:
+            return fused
     gate, up = self.gate_proj(hidden), self.up_proj(hidden)
     if not gate.is_cuda or gate.dtype != up.dtype:
         return self.down_proj(swiglu_reference(gate, up))
