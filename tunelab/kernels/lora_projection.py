@@ -6,11 +6,12 @@ in backward, and under autocast peft first copies the input to the adapter's fp3
 the MLP projections of a 1B model at 8k tokens a step that is ~128 MiB per pass, per layer, three times a step
 (forward, checkpoint recompute, backward).
 
-`LoraProjection` adds the low-rank product to the base product's output with one `addmm_` (a rank-r GEMM that
-reads and writes the output once: one pass instead of peft's three; the H100 profile in BENCHMARKS.md puts these
-passes at ~11% of a 1B LoRA step), and its backward computes the input gradient as `dY W + s (dY B) A` the same
-way. It saves only what peft's modules save (the input and the rank-r intermediate), never the dequantized weight
-of a 4-bit layer: that is dequantized again in backward, as bitsandbytes does.
+`LoraProjection` writes the thin low-rank product `(x A^T)(s B)^T` first and lets the base GEMM accumulate into
+it (`addmm_` with beta 1: cuBLAS reads the output in its epilogue, overlapped with the GEMM, instead of a separate
+pass; the 2026-12-07 H100 profile in BENCHMARKS.md had the separate `addmm_` passes at ~11% of a 1B LoRA step),
+and its backward computes the input gradient `(dY sB) A + dY W` the same way. It saves only what peft's modules
+save (the input and the rank-r intermediate), never the dequantized weight of a 4-bit layer: that is dequantized
+again in backward, as bitsandbytes does.
 
 `lora_projection_reference` is the plain PyTorch twin (peft's own formula). tests/kernels/test_lora_projection.py
 compares them on the CPU (fp32) and tests/gpu/test_fast_kernels_gpu.py on CUDA (bf16).
@@ -18,11 +19,18 @@ compares them on the CPU (fp32) and tests/gpu/test_fast_kernels_gpu.py on CUDA (
 
 from __future__ import annotations
 
+import ctypes as ct
+import functools
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# Order of the two products: the thin low-rank term first and the base GEMM accumulating into it (True), or the
+# base GEMM first and the thin term added by a second addmm_ (False, the 2026-12-07 measured path). A switch only
+# so benchmarks/lora_kernels_micro.py can time both on the same GPU.
+THIN_TERM_FIRST = True
 
 
 def lora_projection_reference(
@@ -42,10 +50,79 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
+        weight = dequantize_nf4(weight.data, quant_state)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """bitsandbytes.functional.dequantize_4bit(packed, quant_state): the same CUDA kernels, launched directly.
+
+    bitsandbytes reaches its kernels through its Python wrapper, a registered torch op and a Python kernel that
+    switches the CUDA device each call; for every projection three times a step (forward, recompute, backward)
+    that made a 1B QLoRA step wait on the CPU (H100 profile: ~130 us of CPU per dequantization, GPU idle 25% of
+    the step). Here the library's two C functions are called as its own CUDA backend calls them. Anything
+    unusual (another device than the current one, a quantization layout it does not expect, a bitsandbytes
+    without these functions) goes through bitsandbytes' own function; tests/gpu checks both are bit-identical."""
+    lib = _bnb_library()
+    nested = quant_state.nested
+    state2 = quant_state.state2 if nested else None
+    usual = (
+        lib is not None
+        and packed.is_cuda
+        and packed.device.index == torch.cuda.current_device()
+        and quant_state.quant_type in ("nf4", "fp4")
+        and quant_state.dtype in _DEQUANT_NAMES
+        and quant_state.absmax.is_contiguous()
+        and (nested or quant_state.absmax.dtype == torch.float32)
+        and packed.is_contiguous()
+    )
+    if usual and nested:
+        usual = not state2.nested and state2.dtype == state2.absmax.dtype == torch.float32
+        usual = usual and state2.code.device == packed.device
+    if not usual:
         import bitsandbytes.functional as bnb_functional
 
-        weight = bnb_functional.dequantize_4bit(weight.data, quant_state)
-    return weight if weight.dtype == dtype else weight.to(dtype)
+        return bnb_functional.dequantize_4bit(packed, quant_state)
+    stream = ct.c_void_p(torch._C._cuda_getCurrentRawStream(packed.device.index))
+    absmax = quant_state.absmax
+    if nested:  # double quantization: the block scales are themselves 8-bit blockwise-quantized
+        scales = torch.empty(absmax.shape, dtype=torch.float32, device=packed.device)
+        lib.cdequantize_blockwise_fp32(
+            _ptr(state2.code), _ptr(absmax), _ptr(state2.absmax), _ptr(scales),
+            ct.c_int32(state2.blocksize), ct.c_int32(absmax.numel()), stream,
+        )  # fmt: skip
+        scales += quant_state.offset
+        absmax = scales
+    out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=packed.device)
+    function = getattr(lib, f"cdequantize_blockwise_{_DEQUANT_NAMES[quant_state.dtype]}_{quant_state.quant_type}")
+    function(
+        None, _ptr(packed), _ptr(absmax), _ptr(out), ct.c_int32(quant_state.blocksize), ct.c_int32(out.numel()), stream
+    )
+    return out
+
+
+_DEQUANT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _ptr(tensor: torch.Tensor) -> ct.c_void_p:
+    return ct.c_void_p(tensor.data_ptr())
+
+
+@functools.cache
+def _bnb_library() -> Any:
+    """bitsandbytes' native CUDA library when it has the dequantization functions used here, else None."""
+    try:
+        from bitsandbytes.cextension import lib
+    except Exception:  # noqa: BLE001 - not installed, or no CUDA build: bitsandbytes' own path decides
+        return None
+    names = ["cdequantize_blockwise_fp32"]
+    names += [f"cdequantize_blockwise_{d}_{q}" for d in _DEQUANT_NAMES.values() for q in ("nf4", "fp4")]
+    raw = getattr(lib, "_lib", None)  # the ctypes CDLL (its wrapper answers any name, failing only when called)
+    if not getattr(lib, "compiled_with_cuda", False) or raw is None:
+        return None
+    if any(getattr(raw, name, None) is None for name in names):
+        return None
+    return lib
 
 
 class LoraProjection(torch.autograd.Function):
@@ -66,11 +143,17 @@ class LoraProjection(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = x.dtype
         weight = dense_weight(base, dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)  # scaling folded into B (r columns: cheap)
         flat = x.reshape(-1, x.shape[-1])
         low = flat @ a.t()  # tokens x r
-        out = F.linear(flat, weight, bias)
-        out.addmm_(low, b.t(), alpha=scaling)  # one pass over the output instead of peft's three
+        if bias is None and THIN_TERM_FIRST:
+            # the thin product first, then the base GEMM accumulates into it: cuBLAS reads it in the GEMM's
+            # epilogue instead of a separate pass over the output (peft: three passes)
+            out = low @ b.t()
+            out.addmm_(flat, weight.t())
+        else:
+            out = F.linear(flat, weight, bias)
+            out.addmm_(low, b.t())
         ctx.save_for_backward(x, low, a, b)
         ctx.base, ctx.scaling, ctx.adapter_dtypes = base, scaling, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -81,13 +164,17 @@ class LoraProjection(torch.autograd.Function):
         scaling = ctx.scaling
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         flat = x.reshape(-1, x.shape[-1])
-        grad_low = (grad @ b).mul_(scaling)  # tokens x r: dL/d(x A^T)
+        grad_low = grad @ b  # tokens x r: dL/d(x A^T) (b holds the scaling)
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[3]:
             grad_b = (grad.t() @ low).mul_(scaling).to(ctx.adapter_dtypes[1])
         if ctx.needs_input_grad[2]:
             grad_a = (grad_low.t() @ flat).to(ctx.adapter_dtypes[0])
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and THIN_TERM_FIRST:
+            grad_x = grad_low @ a  # thin term first, the base GEMM accumulates into it (as in forward)
+            grad_x.addmm_(grad, dense_weight(ctx.base, grad.dtype))
+            grad_x = grad_x.view(x.shape)
+        elif ctx.needs_input_grad[0]:
             grad_x = grad @ dense_weight(ctx.base, grad.dtype)
             grad_x.addmm_(grad_low, a)
             grad_x = grad_x.view(x.shape)
