@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tunelab.kernels import fast_blocks
-from tunelab.kernels.lora_projection import LoraProjection, dense_weight, lora_projection_reference
+from tunelab.kernels.lora_mlp import LoraMLP, lora_mlp_reference
+from tunelab.kernels.lora_projection import LoraProjection, _bnb_library, dense_weight, lora_projection_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,9 +91,73 @@ def test_lora_projection_on_4bit_weights_equals_reference(double_quant: bool) ->
     b = (torch.randn(8192, 16, device="cuda", generator=g) / 4).to(torch.bfloat16).requires_grad_()
     grad = torch.randn(4, 1024, 8192, device="cuda", generator=g)
     fast = run(lambda x, a, b: LoraProjection.apply(x, base, a, b, 2.0, None), [x, a, b], grad)
+    # tunelab's direct launch of bitsandbytes' dequantization kernels equals bitsandbytes' own function, bit for bit
+    assert _bnb_library() is not None  # the direct path is the one under test
+    assert torch.equal(
+        dense_weight(base, torch.bfloat16), bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    )
     weight = dense_weight(base, torch.float32)  # the dequantized nf4 weight: the function's own base
     reference = run(lambda x, a, b: lora_projection_reference(x, weight, a, b, 2.0), fp32([x, a, b]), grad)
     compare(fast, reference, 1e-2, "lora projection nf4")
+
+
+def _mlp_operands(dtype: torch.dtype, hidden: int, inner: int, ranks: tuple[int, int, int], seed: int):  # noqa: ANN202
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    weights = [
+        torch.randn(inner, hidden, device="cuda", generator=g) / hidden**0.5,
+        torch.randn(inner, hidden, device="cuda", generator=g) / hidden**0.5,
+        torch.randn(hidden, inner, device="cuda", generator=g) / inner**0.5,
+    ]
+    adapters = []
+    for (features_out, features_in), rank in zip([(inner, hidden), (inner, hidden), (hidden, inner)], ranks):  # noqa: B905
+        adapters.append(torch.randn(rank, features_in, device="cuda", generator=g) / features_in**0.5)
+        adapters.append(torch.randn(features_out, rank, device="cuda", generator=g) / 4)
+    x = torch.randn(2, 1536, hidden, device="cuda", generator=g).to(dtype)
+    grad = torch.randn(2, 1536, hidden, device="cuda", generator=g)
+    return x, weights, adapters, grad
+
+
+@pytest.mark.parametrize("dtype,tol", CASES)
+def test_lora_mlp_equals_reference(dtype: torch.dtype, tol: float) -> None:
+    """The fused LoRA MLP (Triton SwiGLU with the low-rank terms inside) against the plain formula in fp32: output,
+    input gradient and all six adapter gradients; fp32 adapters as peft keeps them, one odd rank (masking)."""
+    scalings = (2.0, 2.0, 0.5)
+    for hidden, inner, ranks in [(2048, 8192, (16, 16, 16)), (1024, 2816, (8, 16, 12))]:
+        x, weights, adapters, grad = _mlp_operands(dtype, hidden, inner, ranks, seed=5)
+        bases = tuple(torch.nn.Linear(1, 1, bias=False).cuda().requires_grad_(False) for _ in weights)
+        for base, weight in zip(bases, weights, strict=True):
+            base.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+        leaves = [x.requires_grad_()] + [a.requires_grad_() for a in adapters]
+        fast = run(lambda x, *ad, bases=bases: LoraMLP.apply(x, bases, scalings, *ad), leaves, grad)
+        dense = tuple(w.to(dtype).float() for w in weights)
+
+        def reference(x, *ad, dense=dense):  # noqa: ANN001, ANN202
+            return lora_mlp_reference(x, dense, tuple(zip(ad[0::2], ad[1::2], strict=True)), scalings)
+
+        want = run(reference, fp32(leaves), grad)
+        compare(fast, want, tol, f"lora mlp {dtype} {hidden}x{inner} ranks {ranks}")
+        assert all(t.dtype == torch.float32 for t in fast[2:])  # adapter gradients in the adapters' dtype
+
+
+def test_lora_mlp_on_4bit_weights_equals_reference() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    x, weights, adapters, grad = _mlp_operands(torch.bfloat16, 2048, 8192, (16, 16, 16), seed=6)
+    bases = []
+    for weight in weights:
+        base = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.bfloat16)
+        base.weight = bnb.nn.Params4bit(
+            weight.to(torch.bfloat16).cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
+        bases.append(base.cuda())
+    bases = tuple(bases)
+    leaves = [x.requires_grad_()] + [a.requires_grad_() for a in adapters]
+    fast = run(lambda x, *ad: LoraMLP.apply(x, bases, (2.0, 2.0, 2.0), *ad), leaves, grad)
+    dense = tuple(dense_weight(base, torch.float32) for base in bases)
+
+    def reference(x, *ad):  # noqa: ANN001, ANN202
+        return lora_mlp_reference(x, dense, tuple(zip(ad[0::2], ad[1::2], strict=True)), (2.0, 2.0, 2.0))
+
+    compare(fast, run(reference, fp32(leaves), grad), 1e-2, "lora mlp nf4")
 
 
 @needs_liger
@@ -171,6 +236,14 @@ def train_curve(fast: bool, method: str = "lora", steps: int = 50) -> tuple[list
         }
     )
     fast_blocks.ROTARY_ENABLED["on"] = fast
+    calls = []
+    original_apply = LoraMLP.apply
+
+    def counting_apply(*args):  # noqa: ANN002, ANN202
+        calls.append(1)
+        return original_apply(*args)
+
+    LoraMLP.apply = counting_apply
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     model = sft.build_model(config, torch.device("cuda")).train()
@@ -190,6 +263,9 @@ def train_curve(fast: bool, method: str = "lora", steps: int = 50) -> tuple[list
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     peak = torch.cuda.max_memory_allocated() / 2**30
+    LoraMLP.apply = original_apply
+    # the fast path ran every MLP through the fused function (forward and checkpoint recompute), the plain none
+    assert (len(calls) >= 16 * steps) if fast else not calls, len(calls)
     del model, optimizer
     fast_blocks.ROTARY_ENABLED["on"] = True
     return losses, peak
