@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.kernels.adapter_cache import half_concat, half_copy
 from tunelab.kernels.lora_projection import _compute_dtype, _eligible, dense_weight, lora_projection_reference
 
 
@@ -118,18 +119,21 @@ class LoraMLP(torch.autograd.Function):
         forward_piece, _ = _pieces(x)
         s_gate, s_up, s_down = scalings
         flat = x.reshape(-1, x.shape[-1])
-        # B matrices with the scaling folded in (r columns: cheap), so no pass scales a full activation
-        bg, bu, bd = ((b * s).to(dtype) for b, s in ((b_gate, s_gate), (b_up, s_up), (b_down, s_down)))
-        a_gu = torch.cat([a_gate, a_up]).to(dtype)  # one thin GEMM reads x once for both projections
-        ad = a_down.to(dtype)
+        # half copies made once per optimizer step (kernels/adapter_cache.py); B with the scaling folded in, so
+        # no pass scales a full activation; [A_gate; A_up] so one thin GEMM reads x once for both projections
+        bg, _ = half_copy(b_gate, dtype, s_gate)
+        bu, _ = half_copy(b_up, dtype, s_up)
+        bd, bd_t = half_copy(b_down, dtype, s_down)
+        a_gu, a_gu_t = half_concat((a_gate, a_up), dtype)
+        ad, ad_t = half_copy(a_down, dtype)
         rank_gate = a_gate.shape[0]
-        t_gu = flat @ a_gu.t()
+        t_gu = flat @ a_gu_t
         t_gate, t_up = t_gu[:, :rank_gate], t_gu[:, rank_gate:]
         gate = flat @ dense_weight(bases[0], dtype).t()
         up = flat @ dense_weight(bases[1], dtype).t()
         h = forward_piece(gate, up, t_gate, t_up, bg, bu)
-        t_down = h @ ad.t()
-        out = t_down @ bd.t()  # the thin term first; the base GEMM accumulates into it in its epilogue
+        t_down = h @ ad_t
+        out = t_down @ bd_t  # the thin term first; the base GEMM accumulates into it in its epilogue
         out.addmm_(h, dense_weight(bases[2], dtype).t())
         ctx.save_for_backward(x, gate, up, t_gu, h, t_down, a_gu, ad, bg, bu, bd)
         ctx.bases, ctx.scalings, ctx.rank_gate = bases, scalings, rank_gate

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.kernels.adapter_cache import half_copy
+
 # Order of the two products: the thin low-rank term first and the base GEMM accumulating into it (True), or the
 # base GEMM first and the thin term added by a second addmm_ (False, the 2026-12-07 measured path). A switch only
 # so benchmarks/lora_kernels_micro.py can time both on the same GPU.
@@ -143,17 +145,19 @@ class LoraProjection(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = x.dtype
         weight = dense_weight(base, dtype)
-        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)  # scaling folded into B (r columns: cheap)
+        # half copies made once per optimizer step (kernels/adapter_cache.py); the scaling folded into B
+        a, a_t = half_copy(lora_a, dtype)
+        b, b_t = half_copy(lora_b, dtype, scaling)
         flat = x.reshape(-1, x.shape[-1])
-        low = flat @ a.t()  # tokens x r
+        low = flat @ a_t  # tokens x r
         if bias is None and THIN_TERM_FIRST:
             # the thin product first, then the base GEMM accumulates into it: cuBLAS reads it in the GEMM's
             # epilogue instead of a separate pass over the output (peft: three passes)
-            out = low @ b.t()
+            out = low @ b_t
             out.addmm_(flat, weight.t())
         else:
             out = F.linear(flat, weight, bias)
-            out.addmm_(low, b.t())
+            out.addmm_(low, b_t)
         ctx.save_for_backward(x, low, a, b)
         ctx.base, ctx.scaling, ctx.adapter_dtypes = base, scaling, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
