@@ -205,6 +205,24 @@ def load_hf(folder: Path, method: str, framework: str) -> tuple[Any, Any, Any]:
     return model, optimizer, loss_fn
 
 
+def apply_toggles() -> dict[str, bool]:
+    """LLM_SFT_TOGGLES (e.g. "fused_mlp=0,thin_first=0,direct_dequant=0"): switch single pieces of tunelab's fast
+    path off, to time what each adds on the same GPU. Returns the settings in force."""
+    from tunelab.kernels import fast_blocks, lora_projection
+
+    settings = {"fused_mlp": True, "thin_first": True, "direct_dequant": True}
+    for item in filter(None, os.environ.get("LLM_SFT_TOGGLES", "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in settings:
+            raise SystemExit(f"LLM_SFT_TOGGLES: unknown piece {name!r}; known: {', '.join(settings)}")
+        settings[name] = value not in ("0", "false", "off")
+    fast_blocks.FUSED_MLP_ENABLED["on"] = settings["fused_mlp"]
+    lora_projection.THIN_TERM_FIRST = settings["thin_first"]
+    if not settings["direct_dequant"]:
+        lora_projection._bnb_library = lambda: None  # bitsandbytes' own dequantize_4bit
+    return settings
+
+
 def run_row(
     framework: str, row: str, folder: Path, steps: int, warmup: int, profile_to: Path | None = None
 ) -> dict[str, Any]:
@@ -286,7 +304,11 @@ def kernel_table(train_step: Any, data: list[Any], title: str) -> str:
     averages = prof.key_averages()
     total = sum(e.device_time_total for e in averages if e.device_type.name == "CUDA") / 1000 / len(data)
     table = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
-    return f"{title}: {len(data)} steps, GPU kernel time {total:.1f} ms a step\n{table}\n"
+    # where the CPU goes (a step is CPU-bound when this exceeds the GPU time): own time of each op / function
+    cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    cpu = sum(e.self_cpu_time_total for e in averages) / 1000 / len(data)
+    head = f"{title}: {len(data)} steps, GPU kernel time {total:.1f} ms a step, CPU time {cpu:.1f} ms a step"
+    return f"{head}\n{table}\n\nby own CPU time:\n{cpu_table}\n"
 
 
 def worker(
@@ -310,10 +332,13 @@ def worker(
             return
     elif framework.startswith("tunelab") or DEVICE == "cpu":  # the CPU venv needs tunelab's torchvision shim first
         import tunelab  # noqa: F401
+    toggles = apply_toggles() if framework.startswith("tunelab") else {}
     for row in rows:
         try:
             profile_to = profile_dir / f"PROFILE-{framework}-{row}.txt" if profile_dir else None
             results.append(run_row(framework, row, Path(folders[ROWS[row][0]]), steps[row], warmup, profile_to))
+            if any(value is False for value in toggles.values()):
+                results[-1]["toggles"] = toggles
         except Exception as error:  # one failing peer must not hide the others' figures
             traceback.print_exc()
             results.append({"framework": framework, "row": row, "error": f"{type(error).__name__}: {error}"[:400]})

@@ -128,6 +128,53 @@ def dequant_rows(hidden: int, inner: int) -> dict[str, float]:
     }
 
 
+TILE_CHOICES = [(64, 64, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (32, 256, 8), (128, 128, 8)]
+
+
+def tile_rows(tokens: int, inner: int) -> dict[str, float]:
+    """The SwiGLU-with-low-rank kernels alone for each tile choice (GPU ms), and the CPU cost of one launch of
+    ours and of liger's SwiGLU (tiny tensors, so the launch path is all there is)."""
+    from liger_kernel.ops import LigerSiLUMulFunction
+
+    from tunelab.kernels import lora_swiglu_triton as kernels
+
+    def make(rows: int, cols: int):  # noqa: ANN202
+        gate = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        up = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        t = torch.randn(rows, 2 * RANK, device="cuda", dtype=torch.bfloat16)
+        b_gate = torch.randn(cols, RANK, device="cuda", dtype=torch.bfloat16) / 4
+        b_up = torch.randn(cols, RANK, device="cuda", dtype=torch.bfloat16) / 4
+        grad = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        u_down = torch.randn(rows, RANK, device="cuda", dtype=torch.bfloat16)
+        a_down = torch.randn(RANK, cols, device="cuda", dtype=torch.bfloat16) / 4
+        return gate, up, t[:, :RANK], t[:, RANK:], b_gate, b_up, grad, u_down, a_down
+
+    gate, up, t_gate, t_up, b_gate, b_up, grad, u_down, a_down = make(tokens, inner)
+    rows = {}
+    default = dict(kernels.TILES)
+    for tile in TILE_CHOICES:
+        kernels.TILES.update(forward=tile, backward=tile)
+        rows[f"swiglu kernel forward, tile {tile}"] = cuda_ms(
+            lambda: kernels.swiglu_lowrank_forward(gate, up, t_gate, t_up, b_gate, b_up)
+        )
+        rows[f"swiglu kernel backward, tile {tile}"] = cuda_ms(
+            lambda: kernels.swiglu_lowrank_backward(grad, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up)
+        )
+    kernels.TILES.update(default)
+    rows["liger swiglu forward (no low rank)"] = cuda_ms(lambda: LigerSiLUMulFunction.apply(gate, up, 1.0, 1.0))
+    small = make(64, 256)
+    with torch.no_grad():
+        rows["launch CPU us: ours forward"] = cpu_us(lambda: kernels.swiglu_lowrank_forward(*small[:6]))
+        rows["launch CPU us: ours backward"] = cpu_us(
+            lambda: kernels.swiglu_lowrank_backward(small[6], small[7], small[8], *small[:6])
+        )
+        rows["launch CPU us: liger swiglu forward"] = cpu_us(
+            lambda: LigerSiLUMulFunction.apply(small[0], small[1], 1.0, 1.0)
+        )
+        rows["launch CPU us: torch.mm (reference op)"] = cpu_us(lambda: small[0] @ small[4])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
@@ -136,6 +183,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {"device": torch.cuda.get_device_name()}  # type: ignore[dict-item]
     for name, (tokens, hidden, inner) in SHAPES.items():
         rows = mlp_rows(tokens, hidden, inner)
+        rows.update(tile_rows(tokens, inner))
         try:
             rows.update(dequant_rows(hidden, inner))
         except ImportError:
@@ -143,7 +191,7 @@ def main() -> None:
         results[name] = rows
         print(f"\n{name}: {tokens} tokens, hidden {hidden}, intermediate {inner}, r {RANK}")
         for key, value in rows.items():
-            print(f"  {key:55s} {value:9.3f}")
+            print(f"  {key:60s} {value:9.3f}")
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lora_kernels_micro.json").write_text(json.dumps(results, indent=2))

@@ -35,6 +35,8 @@ FAMILIES = {
 _ORIGINAL_ROTARY: dict[str, Callable[..., Any]] = {}
 # the rotary dispatchers run liger's kernel only while this is on (tests turn it off for their plain runs)
 ROTARY_ENABLED = {"on": True}
+# MLPs whose three projections are LoRA layers run as one LoraMLP while this is on (benchmarks time both)
+FUSED_MLP_ENABLED = {"on": True}
 
 
 def rms_norm_reference(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -103,7 +105,7 @@ def _norm_forward(self: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self: Any, hidden: torch.Tensor) -> torch.Tensor:
-    if hidden.is_cuda:
+    if hidden.is_cuda and FUSED_MLP_ENABLED["on"]:
         fused = fused_lora_mlp(self, hidden)  # all three projections LoRA: one function, low-rank terms inside
         if fused is not None:
             return fused

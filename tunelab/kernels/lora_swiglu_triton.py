@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_ROWS, BLOCK_COLS, WARPS = 64, 64, 4
+# tile of the (tokens x I) activations per program, and warps; a module setting so
+# benchmarks/lora_kernels_micro.py can sweep it on a GPU
+TILES = {"forward": (64, 64, 4), "backward": (64, 64, 4)}
 
 
 @triton.jit
@@ -44,120 +46,115 @@ def _low_rank_tile(
 
 
 @triton.jit
+def _gate_up(
+    gate_at, up_at, mask, t_gu, b_gate, b_up, rows, cols, n_rows, n_cols, rank_gate, rank_up,
+    RANK_GATE: tl.constexpr, RANK_UP: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """g = G + Tg Bg^T and u = U + Tu Bu^T on one tile, fp32 (T = [Tg | Tu] rows of rank_gate + rank_up; B: I x r)."""
+    t_stride = rank_gate + rank_up
+    g = tl.load(gate_at, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_at, mask=mask, other=0.0).to(tl.float32)
+    g += _low_rank_tile(t_gu, t_stride, b_gate, 1, rank_gate, rows, cols, n_rows, n_cols, rank_gate, RANK_GATE, IEEE)
+    u += _low_rank_tile(
+        t_gu + rank_gate, t_stride, b_up, 1, rank_up, rows, cols, n_rows, n_cols, rank_up, RANK_UP, IEEE
+    )
+    return g, u
+
+
+@triton.jit
 def _forward_kernel(
-    gate, up, out, t_gate, t_up, b_gate, b_up,
-    n_rows, n_cols, rank_gate, rank_up,
-    stride_gate, stride_up, stride_out, stride_t_gate, stride_t_up,
-    b_gate_stride_k, b_gate_stride_n, b_up_stride_k, b_up_stride_n,
+    gate, up, out, t_gu, b_gate, b_up, n_rows, n_cols, rank_gate, rank_up,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_GATE: tl.constexpr, RANK_UP: tl.constexpr,
     IEEE: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    g = tl.load(gate + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g += _low_rank_tile(
-        t_gate, stride_t_gate, b_gate, b_gate_stride_k, b_gate_stride_n, rows, cols, n_rows, n_cols, rank_gate,
-        RANK_GATE, IEEE,
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    g, u = _gate_up(
+        gate + offsets, up + offsets, mask, t_gu, b_gate, b_up, rows, cols, n_rows, n_cols, rank_gate, rank_up,
+        RANK_GATE, RANK_UP, IEEE,
     )  # fmt: skip
-    u += _low_rank_tile(
-        t_up, stride_t_up, b_up, b_up_stride_k, b_up_stride_n, rows, cols, n_rows, n_cols, rank_up, RANK_UP, IEEE
-    )
     h = g * tl.sigmoid(g) * u
-    tl.store(out + rows[:, None] * stride_out + cols[None, :], h.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + offsets, h.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_kernel(
-    grad_h, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up,
-    n_rows, n_cols, rank_down, rank_gate, rank_up,
-    stride_grad_h, stride_u_down, a_down_stride_k, a_down_stride_n,
-    stride_gate, stride_up, stride_t_gate, stride_t_up,
-    b_gate_stride_k, b_gate_stride_n, b_up_stride_k, b_up_stride_n,
+    grad_h, u_down, a_down, gate, up, t_gu, b_gate, b_up, n_rows, n_cols, rank_down, rank_gate, rank_up,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOWN: tl.constexpr, RANK_GATE: tl.constexpr,
     RANK_UP: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    dh = tl.load(grad_h + rows[:, None] * stride_grad_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dh += _low_rank_tile(
-        u_down, stride_u_down, a_down, a_down_stride_k, a_down_stride_n, rows, cols, n_rows, n_cols, rank_down,
-        RANK_DOWN, IEEE,
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    dh = tl.load(grad_h + offsets, mask=mask, other=0.0).to(tl.float32)
+    # u_down: tokens x rank_down; a_down: rank_down x I
+    dh += _low_rank_tile(u_down, rank_down, a_down, n_cols, 1, rows, cols, n_rows, n_cols, rank_down, RANK_DOWN, IEEE)
+    g, u = _gate_up(
+        gate + offsets, up + offsets, mask, t_gu, b_gate, b_up, rows, cols, n_rows, n_cols, rank_gate, rank_up,
+        RANK_GATE, RANK_UP, IEEE,
     )  # fmt: skip
-    gate_at = gate + rows[:, None] * stride_gate + cols[None, :]
-    up_at = up + rows[:, None] * stride_up + cols[None, :]
-    g = tl.load(gate_at, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_at, mask=mask, other=0.0).to(tl.float32)
-    g += _low_rank_tile(
-        t_gate, stride_t_gate, b_gate, b_gate_stride_k, b_gate_stride_n, rows, cols, n_rows, n_cols, rank_gate,
-        RANK_GATE, IEEE,
-    )  # fmt: skip
-    u += _low_rank_tile(
-        t_up, stride_t_up, b_up, b_up_stride_k, b_up_stride_n, rows, cols, n_rows, n_cols, rank_up, RANK_UP, IEEE
-    )
     sig = tl.sigmoid(g)
     silu = g * sig
     d_gate = dh * u * (sig + silu * (1.0 - sig))
     d_up = dh * silu
-    tl.store(gate_at, d_gate.to(gate.dtype.element_ty), mask=mask)
-    tl.store(up_at, d_up.to(up.dtype.element_ty), mask=mask)
+    tl.store(gate + offsets, d_gate.to(gate.dtype.element_ty), mask=mask)
+    tl.store(up + offsets, d_up.to(up.dtype.element_ty), mask=mask)
 
 
 def _rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # tl.dot needs every dimension >= 16
 
 
-def _grid(rows: int, cols: int) -> tuple[int, int]:
-    return (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS))
+def _dense(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors)
 
 
-def swiglu_lowrank_forward(
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    t_gate: torch.Tensor,
-    t_up: torch.Tensor,
-    b_gate: torch.Tensor,
-    b_up: torch.Tensor,
-) -> torch.Tensor:
-    """silu(gate + t_gate b_gate^T) * (up + t_up b_up^T), 2-D operands (rows with unit column stride)."""
+def swiglu_lowrank_forward(gate, up, t_gate, t_up, b_gate, b_up) -> torch.Tensor:  # noqa: ANN001
+    """silu(gate + t_gate b_gate^T) * (up + t_up b_up^T) for contiguous (tokens x I) gate / up, t_gate / t_up the
+    two column blocks of one contiguous (tokens x (r_g + r_u)) tensor, contiguous (I x r) b_gate / b_up."""
     rows, cols = gate.shape
-    out = torch.empty_like(gate, memory_format=torch.contiguous_format)
-    ieee = gate.dtype == torch.float32
-    _forward_kernel[_grid(rows, cols)](
-        gate, up, out, t_gate, t_up, b_gate, b_up,
-        rows, cols, t_gate.shape[1], t_up.shape[1],
-        gate.stride(0), up.stride(0), out.stride(0), t_gate.stride(0), t_up.stride(0),
-        b_gate.stride(1), b_gate.stride(0), b_up.stride(1), b_up.stride(0),
-        BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_COLS, RANK_GATE=_rank_block(t_gate.shape[1]),
-        RANK_UP=_rank_block(t_up.shape[1]), IEEE=ieee, num_warps=WARPS,
+    t_gu = _joined(t_gate, t_up)
+    assert _dense(gate, up, b_gate, b_up), "lora_swiglu_triton: operands must be contiguous"
+    out = torch.empty_like(gate)
+    block_m, block_n, warps = TILES["forward"]
+    _forward_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
+        gate, up, out, t_gu, b_gate, b_up, rows, cols, t_gate.shape[1], t_up.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, RANK_GATE=_rank_block(t_gate.shape[1]), RANK_UP=_rank_block(t_up.shape[1]),
+        IEEE=gate.dtype == torch.float32, num_warps=warps,
     )  # fmt: skip
     return out
 
 
-def swiglu_lowrank_backward(
-    grad_h: torch.Tensor,
-    u_down: torch.Tensor,
-    a_down: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    t_gate: torch.Tensor,
-    t_up: torch.Tensor,
-    b_gate: torch.Tensor,
-    b_up: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of swiglu_lowrank_forward for the upstream gradient grad_h + u_down a_down, written over
-    gate and up (returned)."""
+def swiglu_lowrank_backward(grad_h, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up):  # noqa: ANN001, ANN201
+    """The gradients of swiglu_lowrank_forward for the upstream gradient grad_h + u_down a_down (all contiguous),
+    written over gate and up (returned)."""
     rows, cols = gate.shape
-    ieee = gate.dtype == torch.float32
-    _backward_kernel[_grid(rows, cols)](
-        grad_h, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up,
-        rows, cols, u_down.shape[1], t_gate.shape[1], t_up.shape[1],
-        grad_h.stride(0), u_down.stride(0), a_down.stride(0), a_down.stride(1),
-        gate.stride(0), up.stride(0), t_gate.stride(0), t_up.stride(0),
-        b_gate.stride(1), b_gate.stride(0), b_up.stride(1), b_up.stride(0),
-        BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_COLS, RANK_DOWN=_rank_block(u_down.shape[1]),
-        RANK_GATE=_rank_block(t_gate.shape[1]), RANK_UP=_rank_block(t_up.shape[1]), IEEE=ieee, num_warps=WARPS,
+    t_gu = _joined(t_gate, t_up)
+    assert _dense(grad_h, u_down, a_down, gate, up, b_gate, b_up), "lora_swiglu_triton: operands must be contiguous"
+    block_m, block_n, warps = TILES["backward"]
+    _backward_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
+        grad_h, u_down, a_down, gate, up, t_gu, b_gate, b_up, rows, cols, u_down.shape[1], t_gate.shape[1],
+        t_up.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, RANK_DOWN=_rank_block(u_down.shape[1]),
+        RANK_GATE=_rank_block(t_gate.shape[1]), RANK_UP=_rank_block(t_up.shape[1]), IEEE=gate.dtype == torch.float32,
+        num_warps=warps,
     )  # fmt: skip
     return gate, up
+
+
+def _joined(t_gate: torch.Tensor, t_up: torch.Tensor) -> torch.Tensor:
+    """The contiguous (tokens x (r_g + r_u)) tensor whose two column blocks t_gate and t_up are (LoraMLP makes
+    them so); a copy when they are separate tensors."""
+    width = t_gate.shape[1] + t_up.shape[1]
+    base = t_gate
+    joined = (
+        t_gate.stride() == (width, 1)
+        and t_up.stride() == (width, 1)
+        and t_up.data_ptr() == t_gate.data_ptr() + t_gate.shape[1] * t_gate.element_size()
+    )
+    if joined:
+        return base
+    return torch.cat([t_gate, t_up], dim=1)
