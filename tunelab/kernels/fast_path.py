@@ -3,6 +3,8 @@
 - kernels/lora_projection.py: every LoRA projection as one autograd function, the low-rank product added inside
   the base GEMM (pure PyTorch; works on any device, on by default only with CUDA);
 - kernels/fast_blocks.py: liger-kernel's RMSNorm, SwiGLU and rotary kernels (CUDA, Llama-family models);
+- kernels/varlen_attention.py: with data.packing, each packed example attends through variable-length flash
+  attention (no FLOPs across examples or on padding);
 - QLoRA keeps the norms and embeddings in bf16 (peft's prepare_model_for_kbit_training upcasts them to fp32,
   which doubles the embedding and head memory and makes every head product cast the weight back to bf16).
 
@@ -17,6 +19,7 @@ from tunelab.config import RunConfig
 from tunelab.kernels.fast_blocks import install_fast_blocks
 from tunelab.kernels.lora_projection import install_lora_projections
 from tunelab.kernels.offload import offload_checkpoints
+from tunelab.kernels.varlen_attention import use_varlen_attention, varlen_available
 
 
 def fast_kernels_enabled(config: RunConfig, device: torch.device) -> bool:
@@ -41,6 +44,9 @@ def apply_fast_kernels(model: torch.nn.Module, config: RunConfig, device: torch.
     counts = {"lora_projection": install_lora_projections(model)}
     if device.type == "cuda":
         counts.update(install_fast_blocks(model))
+        # packed rows: variable-length flash attention per example instead of SDPA over a block-diagonal mask
+        if config.data.packing and varlen_available():
+            counts["varlen_attention"] = int(use_varlen_attention(model))
     return counts
 
 
