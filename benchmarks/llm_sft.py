@@ -110,10 +110,11 @@ def batches(micro: int, steps: int, vocab: int, seed: int = 0) -> list[Any]:
 
 
 def load_tunelab(
-    folder: Path, method: str, micro: int, fast: bool = True, offload: bool = False
+    folder: Path, method: str, micro: int, fast: bool = True, offload: bool = False, packing: bool = False
 ) -> tuple[Any, Any, Any]:
     """The model, optimizer and loss of tunelab's own sft path (build_model, create_optimizer, lm_loss_sum);
-    `fast`: train.fast_kernels auto (on with CUDA) or false; `offload`: model.offload_checkpoints."""
+    `fast`: train.fast_kernels auto (on with CUDA) or false; `offload`: model.offload_checkpoints; `packing`:
+    data.packing (the batches carry packed rows: with the fast path, variable-length attention)."""
     import torch
 
     from tunelab.config import load_config
@@ -125,7 +126,7 @@ def load_tunelab(
         {
             "model": {"name": str(folder), "dtype": "bf16", "offload_checkpoints": "auto" if offload else False},
             "method": {"kind": method, "r": 16, "alpha": 32, "dropout": 0.0, "target": "all-linear"},
-            "data": {"train": "unused.jsonl", "max_length": SEQ},
+            "data": {"train": "unused.jsonl", "max_length": SEQ, "packing": packing},
             "train": {
                 "batch_size": micro,
                 "grad_accum": 1,

@@ -7,7 +7,8 @@ puts those two tails where the seed measured them), clipped to [32, seq - 16]; s
 
 Frameworks, each in its own process on the Llama-3.2-1B shape, LoRA r 16 on all linear layers (llm_sft.py's recipe):
 - `tunelab-packed`: tunelab's sft path with `data.packing` (tunelab.data.text.pack_examples: rows of up to `seq`
-  tokens, position ids restarting per example, so attention stays within each example) and its default fast path;
+  tokens, position ids restarting per example, so attention stays within each example) and its default fast path
+  (on CUDA: variable-length flash attention per example, kernels/varlen_attention.py);
 - `tunelab-padded`: the same model and examples, unpacked, batches padded to their longest example;
 - `hf-padded`: HF + peft as the seeds' recipe builds it, padded batches.
 Every framework sees the same examples in the same order; a padded step takes as many examples as a packed step
@@ -71,7 +72,8 @@ def run(framework: str, folder: Path, examples: list[dict], micro: int, warmup: 
         torch.cuda.reset_peak_memory_stats()
     batches = step_batches(framework, examples, micro, bench.SEQ)
     if framework.startswith("tunelab"):
-        model, optimizer, _ = bench.load_tunelab(folder, "lora", micro, offload=True)  # tunelab defaults
+        packing = framework == "tunelab-packed"
+        model, optimizer, _ = bench.load_tunelab(folder, "lora", micro, offload=True, packing=packing)
 
         def loss_of(batch: dict[str, Any]) -> Any:
             targets = int((batch["labels"][:, 1:] != IGNORE).sum())
