@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 NAME = "tunelab_varlen"
 
@@ -102,6 +105,20 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     offsets, longest = boundaries
+    out = _varlen_core(query, key, value, offsets, longest, scaling)
+    return out, None
+
+
+def _varlen_core(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    offsets: torch.Tensor,
+    longest: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal attention of each sequence of the flattened batch: [batch, heads, seq, dim] in, [batch, seq, heads,
+    dim] out. Adapts to the varlen_attn of this torch (causality, scale and grouped heads spelled per version)."""
     function, names = _varlen_function()
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -126,7 +143,43 @@ def varlen_attention_forward(
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
     out = function(q, k, v, offsets, offsets, longest, longest, **options)
-    return out.view(batch, length, heads, out.shape[-1]), None
+    return out.view(batch, length, heads, out.shape[-1])
+
+
+@functools.cache
+def self_check(device_index: int) -> str | None:
+    """None when variable-length attention on this GPU equals SDPA run per sequence (outputs and gradients, bf16,
+    relative error < 2e-2), else why not. Run once per process and device before a model is switched: torch
+    versions spell varlen_attn differently, and a packed run must not find that out mid-training."""
+    try:
+        device = torch.device("cuda", device_index)
+        generator = torch.Generator(device=device).manual_seed(0)
+        lengths, heads, kv_heads, dim = [5, 70, 3, 50], 4, 2, 64
+        total = sum(lengths)
+
+        def rand(*shape: int) -> torch.Tensor:
+            tensor = torch.randn(*shape, device=device, generator=generator, dtype=torch.float32)
+            return tensor.to(torch.bfloat16).requires_grad_()
+
+        q, k, v = rand(1, heads, total, dim), rand(1, kv_heads, total, dim), rand(1, kv_heads, total, dim)
+        grad = torch.randn(1, total, heads, dim, device=device, generator=generator).to(torch.bfloat16)
+        offsets = torch.tensor([0] + list(itertools.accumulate(lengths)), device=device, dtype=torch.int32)
+        out = _varlen_core(q, k, v, offsets, max(lengths), None)
+        got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+        pieces = []
+        for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+            kk = k[:, :, start:stop].repeat_interleave(heads // kv_heads, dim=1)
+            vv = v[:, :, start:stop].repeat_interleave(heads // kv_heads, dim=1)
+            pieces.append(F.scaled_dot_product_attention(q[:, :, start:stop], kk, vv, is_causal=True))
+        reference = torch.cat(pieces, dim=2).transpose(1, 2)
+        want = [reference, *torch.autograd.grad(reference, (q, k, v), grad)]
+        for name, mine, theirs in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
+            error = float((mine.float() - theirs.float()).norm() / theirs.float().norm())
+            if not error < 2e-2:
+                return f"{name} differs from SDPA by {error:.1e}"
+    except Exception as error:  # noqa: BLE001 - any failure means: keep SDPA
+        return f"{type(error).__name__}: {error}"[:300]
+    return None
 
 
 def _register() -> None:
@@ -139,7 +192,18 @@ def _register() -> None:
 
 def use_varlen_attention(model: torch.nn.Module) -> bool:
     """Switch a model whose text layers use SDPA to "tunelab_varlen" (its config and sub-configs); returns whether
-    it changed. Other implementations (eager, flash attention, flex) are left as the user chose them."""
+    it changed. Other implementations (eager, flash attention, flex) are left as the user chose them. On a GPU
+    the kernel is first checked against SDPA (self_check); if it fails, the model keeps SDPA with a warning."""
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.is_cuda:
+        problem = self_check(parameter.device.index or 0)
+        if problem is not None:
+            warnings.warn(
+                f"data.packing: variable-length attention is not usable here ({problem}); packed rows keep SDPA "
+                "with a block-diagonal mask (correct, but attention spends FLOPs across examples).",
+                stacklevel=2,
+            )
+            return False
     _register()
     changed = False
     for module in model.modules():
