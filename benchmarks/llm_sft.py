@@ -16,7 +16,10 @@ torch.cuda.max_memory_allocated over loading and training, the loss is the mean 
 rotary, QLoRA in bf16; model.offload_checkpoints on: layer inputs in CPU memory); `tunelab-no-offload` keeps the
 layer inputs on the GPU; `tunelab-plain` is tunelab with train.fast_kernels and offload off (peft's and
 transformers' code with tunelab's fused loss), to measure what the fast path adds. `--profile` adds, per
-framework-row, a torch.profiler table of the GPU kernels of two more steps (PROFILE-<framework>-<row>.txt in --out).
+framework-row, a torch.profiler table of the GPU kernels of two more steps (PROFILE-<framework>-<row>.txt in --out),
+with a second table by own CPU time (the 1B rows are CPU-bound on some hosts). LLM_SFT_TOGGLES switches single
+pieces of tunelab's fast path off (`fused_mlp=0`, `thin_first=0`, `direct_dequant=0`); compare only runs of the same
+call and host (benchmarks/lora_kernels_micro.py times the pieces alone).
 
 The real-length mode (seed-001-like dialogue lengths, packed against padded, effective tokens/s) is the sibling
 script benchmarks/llm_sft_packed.py.
