@@ -350,6 +350,16 @@ class TrainConfig(Section):
         "Same losses within bf16 rounding, faster and smaller. auto: on with CUDA for one process or ddp, off on "
         "CPUs, fsdp and deepspeed (whose sharded weights it does not handle).",
     )
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto",
+        description="sft / summarize with train.fast_kernels and gradient checkpointing on CUDA: each checkpointed "
+        "decoder layer is recorded once per input shape as two CUDA graphs (its forward, and its recompute plus "
+        "backward, which skips the MLP's down projection whose output backward never reads) and replayed, so the "
+        "CPU launches a layer with one call instead of ~100 (the 1B rows were CPU-bound: BENCHMARKS.md). Same "
+        "losses within bf16 rounding. A shape is recorded the second time it is seen, at most 8 per layer; layers "
+        "with dropout or module hooks, packed rows with variable-length attention and calls it cannot record run "
+        "as before. auto: on with the fast path on CUDA; false: never.",
+    )
     fused_loss: bool | Literal["auto"] = Field(
         "auto",
         description="sft: compute the output head and the cross-entropy together, chunk by chunk over the answer "

@@ -17,10 +17,14 @@ Writing a parameter's `.data` by hand between optimizer steps is the one change 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _STEPS = [0]  # optimizer steps finished in this process
+_BYPASS = [0]  # > 0 while recording a CUDA graph: copies are made fresh (a graph must not read a cached copy)
 
 
 def _count_step(*_: object) -> None:
@@ -35,26 +39,49 @@ def clear_adapter_caches() -> None:
     _STEPS[0] += 1
 
 
+@contextlib.contextmanager
+def bypassed() -> Iterator[None]:
+    """Inside: every call makes its copies anew and caches nothing (kernels/graphed_layers.py records the copies
+    into its CUDA graphs, so each replay reads the adapters as they are then)."""
+    _BYPASS[0] += 1
+    try:
+        yield
+    finally:
+        _BYPASS[0] -= 1
+
+
+def _fresh(param: torch.Tensor, dtype: torch.dtype, scaling: float) -> torch.Tensor:
+    with torch.no_grad():
+        value = (param * scaling if scaling != 1.0 else param).to(dtype).detach()
+        if value.data_ptr() == param.data_ptr():
+            value = value.clone()  # never alias the trainable tensor itself
+    return value
+
+
 def _key(params: tuple[torch.Tensor, ...], dtype: torch.dtype, scaling: float) -> tuple:
     return (_STEPS[0], dtype, scaling) + tuple((p._version, p.data_ptr()) for p in params)
 
 
 def half_copy(param: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(param * scaling in `dtype`, its transpose), detached; cached on `param` until it may have changed."""
+    if _BYPASS[0]:
+        value = _fresh(param, dtype, scaling)
+        return value, value.t()
     key = _key((param,), dtype, scaling)
     cached = getattr(param, "_tunelab_half", None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    with torch.no_grad():
-        value = (param * scaling if scaling != 1.0 else param).to(dtype).detach()
-        if value.data_ptr() == param.data_ptr():
-            value = value.clone()  # never alias the trainable tensor itself
+    value = _fresh(param, dtype, scaling)
     param._tunelab_half = (key, value, value.t())
     return value, value.t()
 
 
 def half_concat(params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(the params concatenated along dim 0 in `dtype`, its transpose); cached on the first param."""
+    if _BYPASS[0]:
+        with torch.no_grad():
+            value = torch.cat([p.detach() for p in params]).to(dtype)
+        return value, value.t()
     key = _key(params, dtype, 1.0)
     cached = getattr(params[0], "_tunelab_concat", None)
     if cached is not None and cached[0] == key:

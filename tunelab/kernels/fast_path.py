@@ -5,6 +5,8 @@
 - kernels/fast_blocks.py: liger-kernel's RMSNorm, SwiGLU and rotary kernels (CUDA, Llama-family models);
 - kernels/varlen_attention.py: with data.packing, each packed example attends through variable-length flash
   attention (no FLOPs across examples or on padding);
+- kernels/graphed_layers.py: each checkpointed layer replayed as CUDA graphs (train.cuda_graphs), the recompute
+  without the down projection's output;
 - QLoRA keeps the norms and embeddings in bf16 (peft's prepare_model_for_kbit_training upcasts them to fp32,
   which doubles the embedding and head memory and makes every head product cast the weight back to bf16).
 
@@ -17,6 +19,7 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.kernels.fast_blocks import install_fast_blocks
+from tunelab.kernels.graphed_layers import install_layer_graphs
 from tunelab.kernels.lora_projection import install_lora_projections
 from tunelab.kernels.offload import offload_checkpoints
 from tunelab.kernels.varlen_attention import use_varlen_attention, varlen_available
@@ -47,6 +50,10 @@ def apply_fast_kernels(model: torch.nn.Module, config: RunConfig, device: torch.
         # packed rows: variable-length flash attention per example instead of SDPA over a block-diagonal mask
         if config.data.packing and varlen_available():
             counts["varlen_attention"] = int(use_varlen_attention(model))
+        if config.train.cuda_graphs and not counts.get("varlen_attention"):
+            # varlen attention reads the example boundaries on the CPU each step: nothing to replay
+            recorder = install_layer_graphs(model)
+            counts["layer_graphs"] = len(recorder.layers) if recorder is not None else 0
     return counts
 
 

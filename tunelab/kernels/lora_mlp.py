@@ -23,6 +23,8 @@ is the whole formula in plain PyTorch. tests/kernels/test_lora_mlp.py (CPU) and 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,6 +32,20 @@ import torch.nn.functional as F
 
 from tunelab.kernels.adapter_cache import half_concat, half_copy
 from tunelab.kernels.lora_projection import _compute_dtype, _eligible, dense_weight, lora_projection_reference
+
+_OUTPUT_UNUSED = [0]
+
+
+@contextlib.contextmanager
+def output_unused() -> Iterator[None]:
+    """Inside: LoraMLP saves everything its backward needs but does not compute its output (an uninitialised
+    tensor of the right shape is returned). For a checkpoint recompute whose output nobody reads: the down
+    projection, ~27% of a Llama layer's GEMM work, is skipped (kernels/graphed_layers.py)."""
+    _OUTPUT_UNUSED[0] += 1
+    try:
+        yield
+    finally:
+        _OUTPUT_UNUSED[0] -= 1
 
 
 def lora_mlp_reference(
@@ -133,8 +149,11 @@ class LoraMLP(torch.autograd.Function):
         up = flat @ dense_weight(bases[1], dtype).t()
         h = forward_piece(gate, up, t_gate, t_up, bg, bu)
         t_down = h @ ad_t
-        out = t_down @ bd_t  # the thin term first; the base GEMM accumulates into it in its epilogue
-        out.addmm_(h, dense_weight(bases[2], dtype).t())
+        if _OUTPUT_UNUSED[0]:
+            out = h.new_empty(h.shape[0], bd_t.shape[1])  # a recompute: backward needs h and t_down, not y
+        else:
+            out = t_down @ bd_t  # the thin term first; the base GEMM accumulates into it in its epilogue
+            out.addmm_(h, dense_weight(bases[2], dtype).t())
         ctx.save_for_backward(x, gate, up, t_gu, h, t_down, a_gu, ad, bg, bu, bd)
         ctx.bases, ctx.scalings, ctx.rank_gate = bases, scalings, rank_gate
         ctx.adapter_dtypes = [t.dtype for t in (a_gate, b_gate, a_up, b_up, a_down, b_down)]

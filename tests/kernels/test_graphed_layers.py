@@ -1,0 +1,99 @@
+"""CUDA-graph recording of checkpointed layers (kernels/graphed_layers.py), the parts a CPU can check: LoraMLP's
+recompute mode (no output computed) gives the same gradients, the adapter cache can be bypassed, keyword
+arguments are classified correctly, and a model routed through the recorder trains exactly as before on a CPU
+(every call falls back to torch's checkpoint). The graphs themselves: tests/gpu/test_graphed_layers_gpu.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from fixtures import make_tiny_llama, make_tokenizer
+from peft import LoraConfig, get_peft_model
+
+from tunelab.kernels import adapter_cache, graphed_layers, lora_mlp
+from tunelab.kernels.lora_mlp import LoraMLP
+
+
+class _Base(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+
+def test_lora_mlp_without_its_output_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    hidden, inner, rank = 16, 40, 4
+    bases = (_Base(torch.randn(inner, hidden)), _Base(torch.randn(inner, hidden)), _Base(torch.randn(hidden, inner)))
+    shapes = [(inner, hidden), (inner, hidden), (hidden, inner)]
+    adapters = [
+        t for o, i in shapes for t in (torch.randn(rank, i).requires_grad_(), torch.randn(o, rank).requires_grad_())
+    ]
+    x = torch.randn(2, 5, hidden, requires_grad=True)
+    grad_out = torch.randn(2, 5, hidden)
+    results = []
+    for unused in (False, True):
+        with lora_mlp.output_unused() if unused else torch.enable_grad():
+            out = LoraMLP.apply(x, bases, (2.0, 1.0, 0.5), *adapters)
+        assert out.shape == (2, 5, hidden)
+        torch.autograd.backward(out, grad_out)
+        results.append([t.grad.clone() for t in [x, *adapters]])
+        for t in [x, *adapters]:
+            t.grad = None
+    for plain, skipped in zip(*results, strict=True):
+        torch.testing.assert_close(skipped, plain, rtol=0, atol=0)
+    assert lora_mlp._OUTPUT_UNUSED[0] == 0
+
+
+def test_bypassed_adapter_cache_reads_the_parameter_as_it_is() -> None:
+    param = torch.nn.Parameter(torch.ones(3, 2))
+    cached, _ = adapter_cache.half_copy(param, torch.bfloat16, 2.0)
+    param.data.fill_(3.0)  # a write the version counter does not see: the cache keeps the old copy
+    assert float(adapter_cache.half_copy(param, torch.bfloat16, 2.0)[0][0, 0]) == 2.0
+    with adapter_cache.bypassed():
+        fresh, fresh_t = adapter_cache.half_copy(param, torch.bfloat16, 2.0)
+        concat, _ = adapter_cache.half_concat((param, param), torch.bfloat16)
+    assert float(fresh[0, 0]) == 6.0 and fresh_t.shape == (2, 3) and float(concat[5, 1]) == 3.0
+    assert param._tunelab_half[1] is cached  # nothing cached while bypassed
+
+
+def test_keyword_specs() -> None:
+    cos = torch.zeros(1, 8, 4)
+    assert graphed_layers._spec(cos)[0] == "tensor"
+    assert graphed_layers._spec((cos, cos))[0] == "tensors"
+    assert graphed_layers._spec(None) == ("value", None)
+    assert graphed_layers._spec(False) == ("value", False)
+    with pytest.raises(TypeError):
+        graphed_layers._spec(torch.zeros(2, requires_grad=True))
+    with pytest.raises(TypeError):
+        graphed_layers._spec(object())
+
+
+def test_routed_model_trains_as_before_on_a_cpu() -> None:
+    tokenizer = make_tokenizer("chatml")
+    base = make_tiny_llama(tokenizer)
+    base.config.use_cache = False
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    plain = get_peft_model(base, lora).train()
+    for name, p in plain.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    routed = copy.deepcopy(plain)
+    recorder = graphed_layers.install_layer_graphs(routed)
+    assert recorder is not None and recorder.layers == 2
+    assert graphed_layers.install_layer_graphs(routed) is None  # already routed: not wrapped twice
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (plain, routed):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append(
+            (float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
+    assert grads[0][0] == grads[1][0]
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=0, atol=0)
+    assert recorder.counts["eager"] == 2 and recorder.counts["replayed"] == 0
+    assert recorder.reasons == {"not a CUDA training call": 2}

@@ -1,0 +1,409 @@
+"""Checkpointed decoder layers replayed as CUDA graphs (train.cuda_graphs).
+
+With LoRA the GPU work of a layer is a few large GEMMs, but each layer also runs ~100 small PyTorch ops and
+Python frames in forward, again in the checkpoint recompute, and ~60 in backward. At 15-60 us of CPU each that is
+more than the GPU time of a 1B model's step, and ~20% of an 8B model's, on the H100 host (BENCHMARKS.md: 1B LoRA
+178 ms of CPU against 152 ms of GPU work a step; the GPU waits). A CUDA graph replays a recorded sequence of kernels
+with one CPU call. Here, per checkpointed layer and input shape:
+
+- a forward graph: the layer under no_grad (what checkpointing runs first: only the output is kept);
+- a backward graph: the recompute under grad, then `torch.autograd.grad` of the layer's output against the
+  incoming gradient, for the layer input and its trainable parameters. The layer's last projection (the MLP's
+  down projection) is not recomputed: backward never reads its output (lora_mlp.OUTPUT_UNUSED).
+
+`GraphedLayer` is the autograd function in between: it keeps the layer's input as checkpointing does (the offload
+hooks see it the same way), replays the forward graph, and in backward replays the backward graph and returns the
+gradients, so AccumulateGrad, gradient accumulation, clipping, DDP hooks and any optimizer work as before.
+
+What stays exact: every graph reads only static buffers that live outside the graphs' memory pool (the layer
+input, the incoming gradient, the keyword tensors such as rotary angles and masks, copied in before each replay)
+and writes its results to static buffers that are copied out right after, so all graphs can share one pool.
+Adapter half-copies are made inside the graphs (adapter_cache.BYPASS), autocast's weight cache is off while
+recording, and the recording happens after two eager warm-up passes.
+
+Used only where that is safe, else the layer keeps torch's checkpoint, call by call: CUDA, grad enabled, no
+dropout, no module hooks, a single positional tensor input, keyword arguments that are tensors (not requiring
+grad), tuples of tensors or plain values, an output of the input's shape. A shape is recorded the second time it
+is seen (a shape seen once is not worth recording), at most MAX_SHAPES shapes per layer. A recording that fails
+(an op that synchronises, an unsupported kernel) is retried with flash / memory-efficient attention, then given
+up for that shape with a warning. Numbers: the same as the eager fast path within bf16 rounding (tests/gpu).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Any
+
+import torch
+
+from tunelab.kernels import adapter_cache, lora_mlp
+
+MAX_SHAPES = 8  # recorded input shapes per layer; others run eagerly (each shape costs host memory and a recording)
+RECORD_AT = 2  # a shape is recorded the RECORD_AT-th time a layer sees it
+WARMUP_PASSES = 2  # eager passes on the recording stream before recording (kernel compilation, cuBLAS workspaces)
+ENABLED = {"on": True}  # a process-wide switch (benchmarks time both)
+
+
+# ----------------------------------------------------------------------------------------------- keys and checks
+
+
+def _spec(value: Any) -> Any:
+    """A hashable description of one keyword argument, or raise TypeError when it cannot be served."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise TypeError("a keyword tensor requires grad")
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return ("tensors", type(value).__name__, tuple(_spec(v) for v in value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    raise TypeError(f"keyword of type {type(value).__name__}")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return list(value)
+    return []
+
+
+def _graphable_module(module: torch.nn.Module) -> str | None:
+    """Why `module` cannot be recorded (hooks, dropout), or None."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return "global module hooks"
+    for sub in module.modules():
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            return "module hooks"
+        if sub.training and isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return "dropout"
+        if sub.training and float(getattr(sub, "attention_dropout", 0.0) or 0.0) > 0:
+            return "attention dropout"
+    return None
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+# ----------------------------------------------------------------------------------------------- recorded layers
+
+
+class _Statics:
+    """Static buffers of one input shape, shared by every layer of the model (layers run one after another and
+    every result is copied out before the next replay), outside the graphs' pool."""
+
+    def __init__(self, hidden: torch.Tensor, keywords: dict[str, Any]) -> None:
+        self.hidden = torch.empty_like(hidden)
+        self.grad_out = torch.empty_like(hidden)
+        self.grad_in = torch.empty_like(hidden)
+        self.out = torch.empty_like(hidden)
+        self.keywords: dict[str, Any] = {}
+        for name, value in keywords.items():
+            tensors = _tensors(value)
+            if not tensors:
+                self.keywords[name] = value
+            elif isinstance(value, torch.Tensor):
+                self.keywords[name] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                                          device=value.device)  # fmt: skip
+            else:
+                self.keywords[name] = type(value)(
+                    torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in value
+                )
+        self.sources: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
+        self.param_grads: dict[torch.dtype, torch.Tensor] = {}
+
+    def load_keywords(self, keywords: dict[str, Any]) -> None:
+        """Copy keyword tensors in, skipping those already there (the rotary angles are one tensor for all layers)."""
+        for name, value in keywords.items():
+            tensors = _tensors(value)
+            if not tensors:
+                continue
+            versions = [t._version for t in tensors]
+            seen = self.sources.get(name)
+            if seen is not None and len(seen[0]) == len(tensors):
+                if all(a is b for a, b in zip(seen[0], tensors, strict=True)) and seen[1] == versions:
+                    continue
+            for static, tensor in zip(_tensors(self.keywords[name]), tensors, strict=True):
+                static.copy_(tensor)
+            self.sources[name] = (tensors, versions)
+
+    def grad_buffer(self, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
+        buffer = self.param_grads.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self.param_grads[dtype] = buffer
+        return buffer
+
+
+class _LayerGraphs:
+    """The forward and backward graphs of one layer at one input shape."""
+
+    def __init__(self, statics: _Statics, params: list[torch.nn.Parameter], needs_input_grad: bool) -> None:
+        self.statics, self.params, self.needs_input_grad = statics, params, needs_input_grad
+        self.forward_graph = torch.cuda.CUDAGraph()
+        self.backward_graph = torch.cuda.CUDAGraph()
+        # each parameter's gradient is a slice of one flat buffer per dtype (shared with the other layers: copied
+        # out right after every replay), so backward clones one buffer instead of one tensor per parameter
+        self.slices: list[tuple[torch.dtype, int, int, torch.Size]] = []  # dtype, offset, numel, shape
+        totals: dict[torch.dtype, int] = {}
+        for param in params:
+            start = totals.get(param.dtype, 0)
+            self.slices.append((param.dtype, start, param.numel(), param.shape))
+            totals[param.dtype] = start + param.numel()
+        device = params[0].device if params else torch.device("cuda")
+        self.buffers = {dtype: statics.grad_buffer(dtype, total, device) for dtype, total in totals.items()}
+        self.pointers = [p.data_ptr() for p in params]
+
+    def forward(self, hidden: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor:
+        self.statics.hidden.copy_(hidden)
+        self.statics.load_keywords(keywords)
+        self.forward_graph.replay()
+        return self.statics.out.clone()
+
+    def backward(
+        self, hidden: torch.Tensor, grad_out: torch.Tensor, keywords: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        statics = self.statics
+        statics.hidden.copy_(hidden)
+        statics.grad_out.copy_(grad_out)
+        statics.load_keywords(keywords)
+        self.backward_graph.replay()
+        grad_in = statics.grad_in.clone() if self.needs_input_grad else None
+        copies = {dtype: buffer.clone() for dtype, buffer in self.buffers.items()}
+        grads = [copies[dtype][start : start + numel].view(shape) for dtype, start, numel, shape in self.slices]
+        return grad_in, grads
+
+
+class GraphedLayer(torch.autograd.Function):
+    """A checkpointed layer through its recorded graphs: keeps the input for backward (as checkpointing does),
+    returns the output; backward returns the input's and the trainable parameters' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, graphs: _LayerGraphs, keywords: dict[str, Any], hidden: torch.Tensor, *params: Any):
+        ctx.graphs, ctx.keywords = graphs, keywords
+        ctx.save_for_backward(hidden)
+        return graphs.forward(hidden, keywords)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (hidden,) = ctx.saved_tensors
+        grad_in, grads = ctx.graphs.backward(hidden, grad_out.contiguous(), ctx.keywords)
+        return (None, None, grad_in, *grads)
+
+
+@contextlib.contextmanager
+def _recording(device_type: str, autocast: tuple[bool, torch.dtype], attention: Any) -> Any:
+    """The context of warm-up and recording: the caller's autocast without its weight cache (a cached cast would
+    be baked into the graph), adapter copies made inside, saved tensors kept in place (no offload hooks)."""
+    enabled, dtype = autocast
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+        stack.enter_context(adapter_cache.bypassed())
+        if attention is not None:
+            stack.enter_context(attention)
+        yield
+
+
+def _flash_attention() -> Any:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+class LayerRecorder:
+    """Per model: the graphs of every layer and shape, the shared pool and recording stream, and counters."""
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        self.stream: torch.cuda.Stream | None = None
+        self.statics: dict[Any, _Statics] = {}
+        self.graphs: dict[tuple[int, Any], _LayerGraphs] = {}
+        self.seen: dict[tuple[int, Any], int] = {}
+        self.failed: set[tuple[int, Any]] = set()
+        self.counts = {"replayed": 0, "eager": 0, "recorded": 0, "failed": 0}
+        self.reasons: dict[str, int] = {}
+        self.layers = 0  # layers routed through this recorder
+
+    def _eager(self, reason: str) -> None:
+        self.counts["eager"] += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def call(self, module: torch.nn.Module, original: Any, layer_call: Any, *args: Any, **kwargs: Any) -> Any:
+        """The layer's checkpoint function: its graphs where possible, `original` (torch's checkpoint) otherwise."""
+        reason = self._why_not(module, layer_call, args, kwargs)
+        if reason is not None:
+            self._eager(reason)
+            return original(layer_call, *args, **kwargs)
+        hidden = args[0]
+        keywords = dict(layer_call.keywords)
+        params = [p for p in module.parameters() if p.requires_grad]
+        autocast = _autocast_state(hidden.device.type)
+        shape_key = (
+            tuple(hidden.shape), hidden.stride(), hidden.dtype, hidden.device, hidden.requires_grad, autocast,
+            tuple(sorted((name, _spec(value)) for name, value in keywords.items())),
+        )  # fmt: skip
+        key = (id(module), shape_key)
+        graphs = self.graphs.get(key)
+        if graphs is not None and graphs.pointers != [p.data_ptr() for p in params]:
+            graphs = None  # parameters moved (to(), load into new tensors): record again
+            self.graphs.pop(key)
+            self.seen[key] = RECORD_AT - 1
+        if graphs is None:
+            if key in self.failed:
+                self._eager("recording failed")
+                return original(layer_call, *args, **kwargs)
+            self.seen[key] = self.seen.get(key, 0) + 1
+            recorded_shapes = sum(1 for (layer, _) in self.graphs if layer == id(module))
+            if self.seen[key] < RECORD_AT or recorded_shapes >= MAX_SHAPES:
+                self._eager("shape not recorded")
+                return original(layer_call, *args, **kwargs)
+            graphs = self._record(module, layer_call, hidden, keywords, params, shape_key, autocast)
+            if graphs is None:
+                self.failed.add(key)
+                self.counts["failed"] += 1
+                return original(layer_call, *args, **kwargs)
+            self.graphs[key] = graphs
+            self.counts["recorded"] += 1
+        self.counts["replayed"] += 1
+        return GraphedLayer.apply(graphs, keywords, hidden, *params)
+
+    def _why_not(self, module: torch.nn.Module, layer_call: Any, args: tuple, kwargs: dict) -> str | None:
+        if not ENABLED["on"]:
+            return "switched off"
+        if kwargs or len(args) != 1 or not isinstance(layer_call, functools.partial):
+            return "call signature"
+        hidden = args[0]
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_cuda or not torch.is_grad_enabled():
+            return "not a CUDA training call"
+        if torch.cuda.is_current_stream_capturing():
+            return "already recording"
+        try:
+            for value in layer_call.keywords.values():
+                _spec(value)
+        except TypeError as error:
+            return str(error)
+        return _graphable_module(module)
+
+    def _record(
+        self,
+        module: torch.nn.Module,
+        layer_call: Any,
+        hidden: torch.Tensor,
+        keywords: dict[str, Any],
+        params: list[torch.nn.Parameter],
+        shape_key: Any,
+        autocast: tuple[bool, torch.dtype],
+    ) -> _LayerGraphs | None:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(hidden.device)
+        statics = self.statics.get(shape_key)
+        if statics is None:
+            statics = self.statics[shape_key] = _Statics(hidden, keywords)
+        errors = []
+        for attention in (None, _flash_attention()):
+            try:
+                return self._record_with(module, layer_call, hidden, keywords, params, statics, autocast, attention)
+            except Exception as error:  # noqa: BLE001 - any failure means: keep the eager checkpoint for this shape
+                errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                torch.cuda.synchronize(hidden.device)
+        warnings.warn(
+            f"train.cuda_graphs: could not record {type(module).__name__} for input shape {tuple(hidden.shape)} "
+            f"({'; '.join(errors)}); this shape runs without CUDA graphs (same results, more CPU time). "
+            "Set train.cuda_graphs: false to silence this.",
+            stacklevel=2,
+        )
+        return None
+
+    def _record_with(
+        self,
+        module: torch.nn.Module,
+        layer_call: Any,
+        hidden: torch.Tensor,
+        keywords: dict[str, Any],
+        params: list[torch.nn.Parameter],
+        statics: _Statics,
+        autocast: tuple[bool, torch.dtype],
+        attention: Any,
+    ) -> _LayerGraphs:
+        assert self.stream is not None
+        needs_input_grad = hidden.requires_grad
+        graphs = _LayerGraphs(statics, params, needs_input_grad)
+        statics.hidden.copy_(hidden)
+        statics.grad_out.zero_()
+        statics.sources.clear()
+        statics.load_keywords(keywords)
+        run = functools.partial(layer_call.func, *layer_call.args, **statics.keywords)
+        device_type = hidden.device.type
+        leaf = statics.hidden.detach().requires_grad_(needs_input_grad)
+        targets = ([leaf] if needs_input_grad else []) + params
+
+        def backward_pass() -> tuple[torch.Tensor | None, ...]:
+            with torch.enable_grad(), lora_mlp.output_unused():
+                out = run(leaf)
+            return torch.autograd.grad(out, targets, statics.grad_out, allow_unused=True)
+
+        current = torch.cuda.current_stream(hidden.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream), _recording(device_type, autocast, attention):
+            for _ in range(WARMUP_PASSES):
+                with torch.no_grad():
+                    out = run(statics.hidden)
+                if not isinstance(out, torch.Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
+                    raise TypeError("the layer does not return one tensor of its input's shape and dtype")
+                backward_pass()
+            del out
+            with torch.cuda.graph(graphs.forward_graph, pool=self.pool, stream=self.stream,
+                                  capture_error_mode="thread_local"):  # fmt: skip
+                with torch.no_grad():
+                    statics.out.copy_(run(statics.hidden))
+            with torch.cuda.graph(graphs.backward_graph, pool=self.pool, stream=self.stream,
+                                  capture_error_mode="thread_local"):  # fmt: skip
+                grads = list(backward_pass())
+                if needs_input_grad:
+                    statics.grad_in.copy_(grads.pop(0))
+                for grad, (dtype, start, numel, _) in zip(grads, graphs.slices, strict=True):
+                    view = graphs.buffers[dtype][start : start + numel]
+                    if grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(grad.reshape(-1))
+                del grads
+        current.wait_stream(self.stream)
+        statics.sources.clear()  # the next replay copies its keywords in again
+        return graphs
+
+
+def install_layer_graphs(model: torch.nn.Module) -> LayerRecorder | None:
+    """Route every checkpointed layer of `model` (transformers' GradientCheckpointingLayer with checkpointing on)
+    through one LayerRecorder; returns it (None when no layer is checkpointed). Call after checkpointing is
+    enabled and before model.offload_checkpoints wraps the same function."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    recorder = LayerRecorder()
+    layers = 0
+    for module in model.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if not isinstance(module, GradientCheckpointingLayer) or not module.gradient_checkpointing or not function:
+            continue
+        if getattr(function, "tunelab_graphed", False):
+            continue
+
+        @functools.wraps(function)
+        def graphed(*args: Any, _module: Any = module, _function: Any = function, **kwargs: Any) -> Any:
+            return recorder.call(_module, _function, *args, **kwargs)
+
+        graphed.tunelab_graphed = True  # type: ignore[attr-defined]
+        module._gradient_checkpointing_func = graphed
+        layers += 1
+    if not layers:
+        return None
+    recorder.layers = layers
+    model._tunelab_layer_recorder = recorder  # benchmarks and tests read its counters
+    return recorder
