@@ -53,7 +53,7 @@ def apply_fast_kernels(model: torch.nn.Module, config: RunConfig, device: torch.
         if config.train.cuda_graphs and not counts.get("varlen_attention"):
             # varlen attention reads the example boundaries on the CPU each step: nothing to replay
             recorder = install_layer_graphs(model)
-            counts["layer_graphs"] = len(recorder.layers) if recorder is not None else 0
+            counts["layer_graphs"] = recorder.layers if recorder is not None else 0
     return counts
 
 

@@ -210,6 +210,16 @@ def _recording(device_type: str, autocast: tuple[bool, torch.dtype], attention: 
         yield
 
 
+@contextlib.contextmanager
+def _synchronising_ops_raise() -> Any:
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def _flash_attention() -> Any:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -229,6 +239,7 @@ class LayerRecorder:
         self.counts = {"replayed": 0, "eager": 0, "recorded": 0, "failed": 0}
         self.reasons: dict[str, int] = {}
         self.layers = 0  # layers routed through this recorder
+        self.warmed = False  # the current recording got past its warm-up (a failure after it is a failed capture)
 
     def _eager(self, reason: str) -> None:
         self.counts["eager"] += 1
@@ -308,16 +319,22 @@ class LayerRecorder:
             statics = self.statics[shape_key] = _Statics(hidden, keywords)
         errors = []
         for attention in (None, _flash_attention()):
+            self.warmed = False
             try:
                 return self._record_with(module, layer_call, hidden, keywords, params, statics, autocast, attention)
             except Exception as error:  # noqa: BLE001 - any failure means: keep the eager checkpoint for this shape
-                errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                errors.append(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
                 torch.cuda.synchronize(hidden.device)
+                if self.warmed:
+                    # the recording itself failed: torch may leave its allocator and random generator mid-recording,
+                    # so record nothing more in this process
+                    ENABLED["on"] = False
+                    break
         warnings.warn(
             f"train.cuda_graphs: could not record {type(module).__name__} for input shape {tuple(hidden.shape)} "
-            f"({'; '.join(errors)}); this shape runs without CUDA graphs (same results, more CPU time). "
-            "Set train.cuda_graphs: false to silence this.",
-            stacklevel=2,
+            f"({'; '.join(errors)}); {'this shape runs' if ENABLED['on'] else 'the layers run'} without CUDA graphs "
+            "(same results, more CPU time). Set train.cuda_graphs: false to silence this.",
+            stacklevel=3,
         )
         return None
 
@@ -352,13 +369,15 @@ class LayerRecorder:
         current = torch.cuda.current_stream(hidden.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream), _recording(device_type, autocast, attention):
-            for _ in range(WARMUP_PASSES):
-                with torch.no_grad():
-                    out = run(statics.hidden)
-                if not isinstance(out, torch.Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
-                    raise TypeError("the layer does not return one tensor of its input's shape and dtype")
-                backward_pass()
-            del out
+            with _synchronising_ops_raise():  # an op that waits for the GPU cannot be recorded: find it here
+                for _ in range(WARMUP_PASSES):
+                    with torch.no_grad():
+                        out = run(statics.hidden)
+                    if not isinstance(out, torch.Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
+                        raise TypeError("the layer does not return one tensor of its input's shape and dtype")
+                    backward_pass()
+                del out
+            self.warmed = True
             with torch.cuda.graph(graphs.forward_graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):  # fmt: skip
                 with torch.no_grad():

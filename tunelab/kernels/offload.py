@@ -13,6 +13,7 @@ Same values bit for bit (a copy there and back); only CUDA tensors of at least M
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import weakref
@@ -21,6 +22,10 @@ from typing import Any
 import torch
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (masks, position ids) stay where they are: not worth a transfer
+# copies to the host that may be pending while the CPU goes on: a saved tensor's GPU memory is released only when
+# its copy has run, so a CPU far ahead of the GPU (layers replayed as CUDA graphs launch in microseconds) would
+# otherwise hold every layer's input on the GPU at once; past this many, pack waits for the oldest copy
+MAX_IN_FLIGHT = 2
 
 
 class _Offloaded:
@@ -43,6 +48,7 @@ class OffloadHooks:
         self.counter = itertools.count()
         # entries waiting for their backward, by forward order; weak: a graph dropped without a backward frees them
         self.pending: weakref.WeakValueDictionary[int, _Offloaded] = weakref.WeakValueDictionary()
+        self.in_flight: collections.deque[torch.cuda.Event] = collections.deque()
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < MIN_BYTES:
@@ -58,6 +64,9 @@ class OffloadHooks:
         tensor.record_stream(self.stream)  # its GPU memory is not reused before the copy has read it
         entry = _Offloaded(next(self.counter), host, tensor.device, copied)
         self.pending[entry.index] = entry
+        self.in_flight.append(copied)
+        while len(self.in_flight) > MAX_IN_FLIGHT:
+            self.in_flight.popleft().synchronize()  # the GPU has work queued: waiting here costs it nothing
         return entry
 
     def _fetch(self, entry: _Offloaded) -> None:

@@ -1,0 +1,90 @@
+"""Where the GPU memory of tunelab's LoRA training goes step by step, with and without train.cuda_graphs.
+
+For each setting: allocated memory after every step, the peak within it, reserved memory, and at the end the live
+CUDA tensors of 1 MiB or more grouped by shape (what outlives a step). A diagnostic for the layer graphs'
+memory (kernels/graphed_layers.py); runs on the 1B shape of benchmarks/llm_sft.py.
+
+    python3 benchmarks/layer_graphs_memory.py --method qlora --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import tunelab  # noqa: E402,F401  (before transformers: see llm_sft.py)
+
+
+def live_tensors(min_bytes: int = 1 << 20) -> Counter:
+    import torch
+
+    seen: Counter = Counter()
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda and obj.untyped_storage().nbytes() >= min_bytes:
+                seen[(tuple(obj.shape), str(obj.dtype), type(obj).__name__)] += 1
+        except Exception:  # noqa: BLE001, S112 - objects that fail isinstance or storage access
+            continue
+    return seen
+
+
+def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
+    import llm_sft as bench
+    import torch
+
+    from tunelab.kernels import graphed_layers
+
+    graphed_layers.ENABLED["on"] = graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, optimizer, loss_fn = bench.load_tunelab(folder, method, 4, fast=True, offload=True)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"\n== {method}, cuda_graphs {graphs}: after loading {torch.cuda.memory_allocated() / 2**30:.3f} GiB")
+    for step, ids in enumerate(bench.batches(4, steps, 128256)):
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, ids.cuda())
+        after_forward = torch.cuda.memory_allocated() / 2**30
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        print(
+            f"step {step + 1}: after forward {after_forward:.3f} GiB, after step "
+            f"{torch.cuda.memory_allocated() / 2**30:.3f}, peak {torch.cuda.max_memory_allocated() / 2**30:.3f}, "
+            f"reserved {torch.cuda.memory_reserved() / 2**30:.3f}"
+        )
+    recorder = getattr(model, "_tunelab_layer_recorder", None)
+    print("recorder:", recorder.counts if recorder is not None else None)
+    for (shape, dtype, kind), count in live_tensors().most_common(12):
+        print(f"  live {count} x {kind} {shape} {dtype}")
+    del model, optimizer, trainable, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="qlora", choices=["lora", "qlora"])
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    import llm_sft as bench
+    import sft_qlora_smoke as smoke
+
+    folder = bench.default_workdir() / "1b"
+    if not (folder / "config.json").exists():
+        smoke.save_model_dir(folder, smoke.LLAMA_32_1B)
+    for graphs in (False, True):
+        run(args.method, args.steps, graphs, folder)
+
+
+if __name__ == "__main__":
+    main()
