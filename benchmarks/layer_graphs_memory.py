@@ -54,13 +54,14 @@ def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model, ids.cuda())
         after_forward = torch.cuda.memory_allocated() / 2**30
+        forward_peak = torch.cuda.max_memory_allocated() / 2**30
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         print(
-            f"step {step + 1}: after forward {after_forward:.3f} GiB, after step "
+            f"step {step + 1}: after forward {after_forward:.3f} GiB (its peak {forward_peak:.3f}), after step "
             f"{torch.cuda.memory_allocated() / 2**30:.3f}, peak {torch.cuda.max_memory_allocated() / 2**30:.3f}, "
             f"reserved {torch.cuda.memory_reserved() / 2**30:.3f}"
         )
@@ -75,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="qlora", choices=["lora", "qlora"])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--graphs-only", action="store_true")
     args = parser.parse_args()
     import llm_sft as bench
     import sft_qlora_smoke as smoke

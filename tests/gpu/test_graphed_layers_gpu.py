@@ -20,7 +20,7 @@ from tunelab.kernels import graphed_layers
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 TINY = dict(
-    vocab_size=2000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+    vocab_size=2000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
     num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=True,
 )  # fmt: skip
@@ -45,7 +45,7 @@ def tiny_folder() -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import sft_qlora_smoke as smoke
 
-    folder = Path("/tmp/tunelab-graphs-tiny")
+    folder = Path("/tmp/tunelab-graphs-small")
     if not (folder / "config.json").exists():
         smoke.save_model_dir(folder, TINY)
     return folder
