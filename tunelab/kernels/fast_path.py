@@ -52,7 +52,7 @@ def apply_fast_kernels(model: torch.nn.Module, config: RunConfig, device: torch.
             counts["varlen_attention"] = int(use_varlen_attention(model))
         if config.train.cuda_graphs and not counts.get("varlen_attention"):
             # varlen attention reads the example boundaries on the CPU each step: nothing to replay
-            recorder = install_layer_graphs(model)
+            recorder = install_layer_graphs(model, require_headroom=config.train.cuda_graphs == "auto")
             counts["layer_graphs"] = recorder.layers if recorder is not None else 0
     return counts
 

@@ -44,6 +44,7 @@ MAX_SHAPES = 8  # recorded input shapes per layer; others run eagerly (each shap
 RECORD_AT = 2  # a shape is recorded the RECORD_AT-th time a layer sees it
 WARMUP_PASSES = 2  # eager passes on the recording stream before recording (kernel compilation, cuBLAS workspaces)
 ENABLED = {"on": True}  # a process-wide switch (benchmarks time both)
+HEADROOM_BYTES = 2 << 30  # train.cuda_graphs auto: free GPU memory wanted beyond what the run reserved so far
 
 
 # ----------------------------------------------------------------------------------------------- keys and checks
@@ -240,6 +241,9 @@ class LayerRecorder:
         self.reasons: dict[str, int] = {}
         self.layers = 0  # layers routed through this recorder
         self.warmed = False  # the current recording got past its warm-up (a failure after it is a failed capture)
+        # train.cuda_graphs auto: record only on a GPU with room for the graphs' memory pool (decided once)
+        self.require_headroom = False
+        self.headroom_ok: bool | None = None
 
     def _eager(self, reason: str) -> None:
         self.counts["eager"] += 1
@@ -274,6 +278,9 @@ class LayerRecorder:
             if self.seen[key] < RECORD_AT or recorded_shapes >= MAX_SHAPES:
                 self._eager("shape not recorded")
                 return original(layer_call, *args, **kwargs)
+            if not self._room_for_graphs(hidden.device):
+                self._eager("not enough free GPU memory")
+                return original(layer_call, *args, **kwargs)
             graphs = self._record(module, layer_call, hidden, keywords, params, shape_key, autocast)
             if graphs is None:
                 self.failed.add(key)
@@ -283,6 +290,27 @@ class LayerRecorder:
             self.counts["recorded"] += 1
         self.counts["replayed"] += 1
         return GraphedLayer.apply(graphs, keywords, hidden, *params)
+
+    def _room_for_graphs(self, device: torch.device) -> bool:
+        """Whether the graphs' memory may be spent: the recorded layers keep their temporaries in a pool of their
+        own, next to what the eager steps already reserved (measured on an H100: 1.1-5.2 GiB more reserved memory,
+        0.15-1.2 GiB more at the allocated peak, on 1B-8B LoRA / QLoRA; BENCHMARKS.md). With train.cuda_graphs
+        auto they are recorded only when the GPU has that much to spare: free memory at least what this process
+        reserved so far plus 2 GiB; otherwise the layers stay eager (a GPU sized tightly for the run keeps fitting)."""
+        if not self.require_headroom:
+            return True
+        if self.headroom_ok is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            reserved = torch.cuda.memory_reserved(device)
+            self.headroom_ok = free >= reserved + HEADROOM_BYTES
+            if not self.headroom_ok:
+                warnings.warn(
+                    f"train.cuda_graphs auto: {free / 2**30:.1f} GiB free on the GPU against {reserved / 2**30:.1f} "
+                    "GiB reserved by this run: the decoder layers run without CUDA graphs (they would need up to "
+                    "about that much more). Set train.cuda_graphs: true to record them anyway.",
+                    stacklevel=4,
+                )
+        return self.headroom_ok
 
     def _why_not(self, module: torch.nn.Module, layer_call: Any, args: tuple, kwargs: dict) -> str | None:
         if not ENABLED["on"]:
@@ -399,13 +427,15 @@ class LayerRecorder:
         return graphs
 
 
-def install_layer_graphs(model: torch.nn.Module) -> LayerRecorder | None:
+def install_layer_graphs(model: torch.nn.Module, require_headroom: bool = False) -> LayerRecorder | None:
     """Route every checkpointed layer of `model` (transformers' GradientCheckpointingLayer with checkpointing on)
     through one LayerRecorder; returns it (None when no layer is checkpointed). Call after checkpointing is
-    enabled and before model.offload_checkpoints wraps the same function."""
+    enabled and before model.offload_checkpoints wraps the same function. `require_headroom` (train.cuda_graphs
+    auto): record only where the GPU has room for the graphs' memory pool."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     recorder = LayerRecorder()
+    recorder.require_headroom = require_headroom
     layers = 0
     for module in model.modules():
         function = getattr(module, "_gradient_checkpointing_func", None)
