@@ -97,3 +97,21 @@ def test_routed_model_trains_as_before_on_a_cpu() -> None:
         torch.testing.assert_close(grads[1][1][name], grad, rtol=0, atol=0)
     assert recorder.counts["eager"] == 2 and recorder.counts["replayed"] == 0
     assert recorder.reasons == {"not a CUDA training call": 2}
+
+
+def test_auto_records_only_where_the_gpu_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gib)
+    device = torch.device("cuda", 0)
+    for free, expected in ((7 * gib, False), (9 * gib, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * gib))
+        recorder = graphed_layers.LayerRecorder()
+        recorder.require_headroom = True
+        if expected:
+            assert recorder._room_for_graphs(device)
+        else:
+            with pytest.warns(UserWarning, match="without CUDA graphs"):
+                assert not recorder._room_for_graphs(device)
+            assert not recorder._room_for_graphs(device)  # decided once, warned once
+    forced = graphed_layers.LayerRecorder()  # train.cuda_graphs: true
+    assert forced._room_for_graphs(device)
