@@ -211,6 +211,15 @@ def _recording(device_type: str, autocast: tuple[bool, torch.dtype], attention: 
         yield
 
 
+def _reset_cuda_generator(device: torch.device) -> None:
+    """After a failed recording: give the device's default generator a fresh copy of its state (same seed and
+    offset, out of recording mode); torch's capture_end skips that step when the capture was invalidated."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    if hasattr(generator, "clone_state") and hasattr(generator, "graphsafe_set_state"):
+        generator.graphsafe_set_state(generator.clone_state())
+
+
 @contextlib.contextmanager
 def _synchronising_ops_raise() -> Any:
     previous = torch.cuda.get_sync_debug_mode()
@@ -354,8 +363,9 @@ class LayerRecorder:
                 errors.append(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
                 torch.cuda.synchronize(hidden.device)
                 if self.warmed:
-                    # the recording itself failed: torch may leave its allocator and random generator mid-recording,
-                    # so record nothing more in this process
+                    # the recording itself failed: torch leaves the CUDA random generator in recording mode (every
+                    # later random op would fail) and maybe its allocator: restore the one, record nothing more
+                    _reset_cuda_generator(hidden.device)
                     ENABLED["on"] = False
                     break
         warnings.warn(
@@ -389,39 +399,44 @@ class LayerRecorder:
         leaf = statics.hidden.detach().requires_grad_(needs_input_grad)
         targets = ([leaf] if needs_input_grad else []) + params
 
-        def backward_pass() -> tuple[torch.Tensor | None, ...]:
+        def forward_body() -> torch.Tensor:
+            with torch.no_grad():
+                out = run(statics.hidden)
+            statics.out.copy_(out)
+            return out
+
+        def backward_body() -> None:
             with torch.enable_grad(), lora_mlp.output_unused():
                 out = run(leaf)
-            return torch.autograd.grad(out, targets, statics.grad_out, allow_unused=True)
+            grads = list(torch.autograd.grad(out, targets, statics.grad_out, allow_unused=True))
+            if needs_input_grad:
+                statics.grad_in.copy_(grads.pop(0))
+            for grad, (dtype, start, numel, _) in zip(grads, graphs.slices, strict=True):
+                view = graphs.buffers[dtype][start : start + numel]
+                if grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(grad.reshape(-1))
 
         current = torch.cuda.current_stream(hidden.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream), _recording(device_type, autocast, attention):
+            # the warm-up runs exactly what is recorded, copies included: every kernel is launched (and, with
+            # CUDA's lazy module loading, loaded) before the recording, where loading one would invalidate it
             with _synchronising_ops_raise():  # an op that waits for the GPU cannot be recorded: find it here
                 for _ in range(WARMUP_PASSES):
-                    with torch.no_grad():
-                        out = run(statics.hidden)
+                    out = forward_body()
                     if not isinstance(out, torch.Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
                         raise TypeError("the layer does not return one tensor of its input's shape and dtype")
-                    backward_pass()
-                del out
+                    del out
+                    backward_body()
             self.warmed = True
             with torch.cuda.graph(graphs.forward_graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):  # fmt: skip
-                with torch.no_grad():
-                    statics.out.copy_(run(statics.hidden))
+                forward_body()
             with torch.cuda.graph(graphs.backward_graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):  # fmt: skip
-                grads = list(backward_pass())
-                if needs_input_grad:
-                    statics.grad_in.copy_(grads.pop(0))
-                for grad, (dtype, start, numel, _) in zip(grads, graphs.slices, strict=True):
-                    view = graphs.buffers[dtype][start : start + numel]
-                    if grad is None:
-                        view.zero_()
-                    else:
-                        view.copy_(grad.reshape(-1))
-                del grads
+                backward_body()
         current.wait_stream(self.stream)
         statics.sources.clear()  # the next replay copies its keywords in again
         return graphs
