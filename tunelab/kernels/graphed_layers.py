@@ -246,6 +246,7 @@ class LayerRecorder:
         self.graphs: dict[tuple[int, Any], _LayerGraphs] = {}
         self.seen: dict[tuple[int, Any], int] = {}
         self.failed: set[tuple[int, Any]] = set()
+        self.failed_shapes: set[tuple[type, Any]] = set()
         self.counts = {"replayed": 0, "eager": 0, "recorded": 0, "failed": 0}
         self.reasons: dict[str, int] = {}
         self.layers = 0  # layers routed through this recorder
@@ -273,6 +274,9 @@ class LayerRecorder:
             tuple(sorted((name, _spec(value)) for name, value in keywords.items())),
         )  # fmt: skip
         key = (id(module), shape_key)
+        if (type(module), shape_key) in self.failed_shapes:  # the same layer class failed at this shape
+            self._eager("recording failed")
+            return original(layer_call, *args, **kwargs)
         graphs = self.graphs.get(key)
         if graphs is not None and graphs.pointers != [p.data_ptr() for p in params]:
             graphs = None  # parameters moved (to(), load into new tensors): record again
@@ -293,6 +297,7 @@ class LayerRecorder:
             graphs = self._record(module, layer_call, hidden, keywords, params, shape_key, autocast)
             if graphs is None:
                 self.failed.add(key)
+                self.failed_shapes.add((type(module), shape_key))  # its siblings would fail the same way
                 self.counts["failed"] += 1
                 return original(layer_call, *args, **kwargs)
             self.graphs[key] = graphs
