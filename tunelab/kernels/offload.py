@@ -13,7 +13,6 @@ Same values bit for bit (a copy there and back); only CUDA tensors of at least M
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import weakref
@@ -22,12 +21,6 @@ from typing import Any
 import torch
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (masks, position ids) stay where they are: not worth a transfer
-# transfers that may be pending while the CPU goes on. A tensor used on two streams is released only when the
-# GPU has passed its last use, so a CPU far ahead of the GPU (layers replayed as CUDA graphs launch in
-# microseconds) would otherwise hold every layer's input on the GPU at once: in forward until its copy to the host
-# has run, in backward until the layer's backward has run (measured on an H100: +0.9 GiB for an 8B model's 32
-# layers). Past this many, pack waits for the oldest copy and unpack for the oldest backward.
-MAX_IN_FLIGHT = 2
 
 
 class _Offloaded:
@@ -50,8 +43,6 @@ class OffloadHooks:
         self.counter = itertools.count()
         # entries waiting for their backward, by forward order; weak: a graph dropped without a backward frees them
         self.pending: weakref.WeakValueDictionary[int, _Offloaded] = weakref.WeakValueDictionary()
-        self.in_flight: collections.deque[torch.cuda.Event] = collections.deque()
-        self.in_use: collections.deque[torch.cuda.Event] = collections.deque()  # backward: returned tensors
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < MIN_BYTES:
@@ -67,9 +58,6 @@ class OffloadHooks:
         tensor.record_stream(self.stream)  # its GPU memory is not reused before the copy has read it
         entry = _Offloaded(next(self.counter), host, tensor.device, copied)
         self.pending[entry.index] = entry
-        self.in_flight.append(copied)
-        while len(self.in_flight) > MAX_IN_FLIGHT:
-            self.in_flight.popleft().synchronize()  # the GPU has work queued: waiting here costs it nothing
         return entry
 
     def _fetch(self, entry: _Offloaded) -> None:
@@ -92,11 +80,6 @@ class OffloadHooks:
         tensor = entry.back
         tensor.record_stream(current)  # allocated on the side stream, used and freed on this one
         entry.back = None
-        used = torch.cuda.Event()
-        used.record(current)  # (the layer's backward is queued after this point: the wait below is one layer late)
-        self.in_use.append(used)
-        while len(self.in_use) > MAX_IN_FLIGHT + 1:
-            self.in_use.popleft().synchronize()
         older = [index for index in self.pending.keys() if index < entry.index]
         if older:  # the layer whose backward comes next: its input travels while this layer recomputes
             following = self.pending.get(max(older))
