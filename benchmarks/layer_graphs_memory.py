@@ -1,7 +1,8 @@
 """Where the GPU memory of tunelab's LoRA training goes step by step, with and without train.cuda_graphs.
 
-For each setting: allocated memory after every step, the peak within it, reserved memory, and at the end the live
-CUDA tensors of 1 MiB or more grouped by shape (what outlives a step). A diagnostic for the layer graphs'
+For each setting: allocated memory after every step, the peak within it, reserved memory, the memory at each phase
+of the first and the last layer's recording (warm-up, forward graph, backward graph), and at the end the live CUDA
+tensors of 1 MiB or more grouped by shape (what outlives a step). A diagnostic for the layer graphs'
 memory (kernels/graphed_layers.py); runs on the 1B shape of benchmarks/llm_sft.py.
 
     python3 benchmarks/layer_graphs_memory.py --method qlora --steps 4
@@ -47,6 +48,9 @@ def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
     torch.cuda.reset_peak_memory_stats()
     model, optimizer, loss_fn = bench.load_tunelab(folder, method, 4, fast=True, offload=True)
     model.train()
+    recorder = getattr(model, "_tunelab_layer_recorder", None)
+    if recorder is not None:
+        recorder.trace = []  # allocated / peak / reserved at each phase of every layer's recording
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"\n== {method}, cuda_graphs {graphs}: after loading {torch.cuda.memory_allocated() / 2**30:.3f} GiB")
     for step, ids in enumerate(bench.batches(4, steps, 128256)):
@@ -65,8 +69,15 @@ def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
             f"{torch.cuda.memory_allocated() / 2**30:.3f}, peak {torch.cuda.max_memory_allocated() / 2**30:.3f}, "
             f"reserved {torch.cuda.memory_reserved() / 2**30:.3f}"
         )
-    recorder = getattr(model, "_tunelab_layer_recorder", None)
     print("recorder:", recorder.counts if recorder is not None else None)
+    if recorder is not None and recorder.trace:
+        gib = 2**30
+        layers = recorder.layers
+        shown = recorder.trace[:4] + recorder.trace[-4:] if len(recorder.trace) > 8 else recorder.trace
+        for phase, allocated, peak, reserved in shown:
+            memory = f"allocated {allocated / gib:.3f}, peak {peak / gib:.3f}, reserved {reserved / gib:.3f}"
+            print(f"  {phase:>26}: {memory}")
+        print(f"  ({len(recorder.trace)} marks over {layers} layers: the first and the last recording shown)")
     for (shape, dtype, kind), count in live_tensors().most_common(12):
         print(f"  live {count} x {kind} {shape} {dtype}")
     del model, optimizer, trainable, loss

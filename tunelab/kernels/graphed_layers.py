@@ -261,6 +261,9 @@ class LayerRecorder:
         # train.cuda_graphs auto: record only on a GPU with room for the graphs' memory pool (decided once)
         self.require_headroom = False
         self.headroom_ok: bool | None = None
+        # diagnostics (benchmarks/layer_graphs_memory.py): a list to receive (phase, allocated, peak, reserved) in
+        # bytes at each phase of every recording, or None
+        self.trace: list[tuple[str, int, int, int]] | None = None
 
     def _eager(self, reason: str) -> None:
         self.counts["eager"] += 1
@@ -430,8 +433,15 @@ class LayerRecorder:
                 else:
                     view.copy_(grad.reshape(-1))
 
+        def mark(phase: str) -> None:
+            if self.trace is not None:
+                device = hidden.device
+                memory = (torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device))
+                self.trace.append((phase, *memory, torch.cuda.memory_reserved(device)))
+
         current = torch.cuda.current_stream(hidden.device)
         self.stream.wait_stream(current)
+        mark("before warm-up")
         with torch.cuda.stream(self.stream), _recording(device_type, autocast, attention):
             # the warm-up runs exactly what is recorded, copies included: every kernel is launched (and, with
             # CUDA's lazy module loading, loaded) before the recording, where loading one would invalidate it
@@ -443,12 +453,15 @@ class LayerRecorder:
                     del out
                     backward_body()
             self.warmed = True
+            mark("after warm-up")
             with torch.cuda.graph(graphs.forward_graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):  # fmt: skip
                 forward_body()
+            mark("after forward recording")
             with torch.cuda.graph(graphs.backward_graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):  # fmt: skip
                 backward_body()
+            mark("after backward recording")
         current.wait_stream(self.stream)
         statics.sources.clear()  # the next replay copies its keywords in again
         return graphs
