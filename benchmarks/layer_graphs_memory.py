@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="qlora", choices=["lora", "qlora"])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--graphs-only", action="store_true")
+    parser.add_argument("--graphs-only", action="store_true", help="skip the run without graphs")
     args = parser.parse_args()
     import llm_sft as bench
     import sft_qlora_smoke as smoke
@@ -95,7 +95,7 @@ def main() -> None:
     folder = bench.default_workdir() / "1b"
     if not (folder / "config.json").exists():
         smoke.save_model_dir(folder, smoke.LLAMA_32_1B)
-    for graphs in (False, True):
+    for graphs in (True,) if args.graphs_only else (False, True):
         run(args.method, args.steps, graphs, folder)
 
 
