@@ -160,6 +160,62 @@ def test_lora_mlp_on_4bit_weights_equals_reference() -> None:
     compare(fast, run(reference, fp32(leaves), grad), 1e-2, "lora mlp nf4")
 
 
+def test_qlora_layers_without_grad_take_the_fused_path() -> None:
+    """A checkpointed layer's forward runs under no_grad: a QLoRA model there must use the fused MLP and
+    projections (it fell back to peft's per-projection path) and give the same logits as with grad; a single
+    token (generation's decode step) keeps bitsandbytes' 4-bit GEMV through peft."""
+    pytest.importorskip("bitsandbytes")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import sft_qlora_smoke as smoke
+
+    from tunelab.config import load_config
+    from tunelab.tasks import sft
+
+    folder = Path("/tmp/tunelab-qlora-nograd")
+    if not (folder / "config.json").exists():
+        shape = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8)
+        smoke.save_model_dir(folder, dict(smoke.LLAMA_32_1B, **shape, num_key_value_heads=2))
+    config = load_config(
+        {
+            "model": {"name": str(folder), "dtype": "bf16"},
+            "method": {"kind": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "target": "all-linear"},
+            "data": {"train": "unused.jsonl", "max_length": 256},
+        }
+    )
+    torch.manual_seed(0)
+    model = sft.build_model(config, torch.device("cuda")).eval()
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    calls = []
+    originals = LoraMLP.apply, LoraProjection.apply
+
+    def counting(original):  # noqa: ANN001, ANN202
+        return lambda *args: calls.append(1) or original(*args)
+
+    LoraMLP.apply, LoraProjection.apply = counting(originals[0]), counting(originals[1])
+    try:
+        ids = torch.randint(0, 2000, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with_grad = model(input_ids=ids).logits.detach()
+            fused_calls = len(calls)
+            with torch.no_grad():
+                without_grad = model(input_ids=ids).logits
+                no_grad_calls = len(calls) - fused_calls
+                model(input_ids=ids[:1, :1])
+                single_token_calls = len(calls) - fused_calls - no_grad_calls
+    finally:
+        LoraMLP.apply, LoraProjection.apply = originals
+    print(f"\nfused calls: with grad {fused_calls}, without {no_grad_calls}, one token {single_token_calls}")
+    assert fused_calls == no_grad_calls == 2 * (1 + 4)  # per layer: the MLP and the four attention projections
+    assert single_token_calls == 0
+    assert rel_err(without_grad, with_grad) < 1e-3
+    del model
+
+
 @needs_liger
 @pytest.mark.parametrize("dtype,tol", CASES)
 def test_rms_norm_equals_reference(dtype: torch.dtype, tol: float) -> None:
