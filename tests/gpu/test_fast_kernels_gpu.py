@@ -91,11 +91,28 @@ def test_lora_projection_on_4bit_weights_equals_reference(double_quant: bool) ->
     b = (torch.randn(8192, 16, device="cuda", generator=g) / 4).to(torch.bfloat16).requires_grad_()
     grad = torch.randn(4, 1024, 8192, device="cuda", generator=g)
     fast = run(lambda x, a, b: LoraProjection.apply(x, base, a, b, 2.0, None), [x, a, b], grad)
-    # tunelab's direct launch of bitsandbytes' dequantization kernels equals bitsandbytes' own function, bit for bit
-    assert _bnb_library() is not None  # the direct path is the one under test
-    assert torch.equal(
-        dense_weight(base, torch.bfloat16), bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
-    )
+    # tunelab's dequantizations equal bitsandbytes' own function, bit for bit: the one-launch Triton kernel
+    # (kernels/nf4_triton.py, the default) and the direct launch of bitsandbytes' kernels (without Triton)
+    from tunelab.kernels import lora_projection, nf4_triton
+
+    packed, state = base.weight.data, base.weight.quant_state
+    theirs = bnb.functional.dequantize_4bit(packed, state)
+    assert nf4_triton.supported(packed, state)
+    assert torch.equal(dense_weight(base, torch.bfloat16), theirs)
+    assert torch.equal(lora_projection.dequantize_nf4_reference(packed, state), theirs)
+    lora_projection.TRITON_DEQUANT["on"] = False
+    try:
+        assert _bnb_library() is not None  # the direct path is the one under test
+        assert torch.equal(dense_weight(base, torch.bfloat16), theirs)
+    finally:
+        lora_projection.TRITON_DEQUANT["on"] = True
+    for rows, columns in [(1024, 4096), (14336, 4096), (96, 64)]:  # more shapes, the last smaller than a program
+        weight = bnb.nn.Params4bit(
+            torch.randn(rows, columns, dtype=torch.bfloat16) / 50, requires_grad=False, quant_type="nf4",
+            compress_statistics=double_quant,
+        ).cuda()  # fmt: skip
+        expected = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        assert torch.equal(nf4_triton.dequantize(weight.data, weight.quant_state), expected), (rows, columns)
     weight = dense_weight(base, torch.float32)  # the dequantized nf4 weight: the function's own base
     reference = run(lambda x, a, b: lora_projection_reference(x, weight, a, b, 2.0), fp32([x, a, b]), grad)
     compare(fast, reference, 1e-2, "lora projection nf4")

@@ -64,7 +64,13 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
     that made a 1B QLoRA step wait on the CPU (H100 profile: ~130 us of CPU per dequantization, GPU idle 25% of
     the step). Here the library's two C functions are called as its own CUDA backend calls them. Anything
     unusual (another device than the current one, a quantization layout it does not expect, a bitsandbytes
-    without these functions) goes through bitsandbytes' own function; tests/gpu checks both are bit-identical."""
+    without these functions) goes through bitsandbytes' own function; tests/gpu checks both are bit-identical.
+    Where Triton is available and the layout is the usual NF4 one, kernels/nf4_triton.py does all of it in one
+    launch instead of three (the same bits)."""
+    if TRITON_DEQUANT["on"] and packed.is_cuda:
+        triton_kernels = _nf4_triton()
+        if triton_kernels is not None and triton_kernels.supported(packed, quant_state):
+            return triton_kernels.dequantize(packed, quant_state)
     lib = _bnb_library()
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else None
@@ -101,6 +107,32 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
         None, _ptr(packed), _ptr(absmax), _ptr(out), ct.c_int32(quant_state.blocksize), ct.c_int32(out.numel()), stream
     )
     return out
+
+
+TRITON_DEQUANT = {"on": True}  # a switch so benchmarks can time bitsandbytes' kernels against the Triton one
+
+
+@functools.cache
+def _nf4_triton() -> Any:
+    try:
+        from tunelab.kernels import nf4_triton
+    except ImportError:  # no Triton: bitsandbytes' kernels
+        return None
+    return nf4_triton
+
+
+def dequantize_nf4_reference(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """The plain PyTorch twin of the NF4 dequantization (bitsandbytes' formula and order of operations): each
+    byte holds two codes (high nibble first); value = code[nibble] * scale of its block of `blocksize` values;
+    with double quantization the scale is code2[q] * absmax2[q's block of state2.blocksize] + offset (fp32)."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        state2 = quant_state.state2
+        blocks = torch.arange(absmax.numel(), device=absmax.device) // state2.blocksize
+        absmax = (state2.code[absmax.long()] * state2.absmax[blocks]) + quant_state.offset
+    codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=1).reshape(-1).long()
+    values = quant_state.code[codes].reshape(-1, quant_state.blocksize) * absmax.reshape(-1, 1)
+    return values.to(quant_state.dtype).reshape(quant_state.shape)
 
 
 _DEQUANT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
