@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes as ct
 import functools
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -70,7 +71,12 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
     if TRITON_DEQUANT["on"] and packed.is_cuda:
         triton_kernels = _nf4_triton()
         if triton_kernels is not None and triton_kernels.supported(packed, quant_state):
-            return triton_kernels.dequantize(packed, quant_state)
+            try:
+                return triton_kernels.dequantize(packed, quant_state)
+            except Exception as error:  # noqa: BLE001 - a Triton that cannot build the kernel: bitsandbytes' kernels
+                TRITON_DEQUANT["on"] = False
+                message = f"NF4 dequantization: the Triton kernel failed ({error}); using bitsandbytes' kernels"
+                warnings.warn(message, stacklevel=2)
     lib = _bnb_library()
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else None
