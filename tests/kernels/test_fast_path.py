@@ -81,3 +81,17 @@ def test_offload_hooks_wrap_each_checkpointed_layer_and_leave_cpu_tensors(tiny_m
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     sft.lm_loss_sum(model, batch).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_dropout_says_the_fast_path_does_not_apply(tiny_model_dir: Path) -> None:
+    from tunelab.track.progress import console
+
+    config = config_for(tiny_model_dir, True)
+    config.method.dropout = 0.05
+    with console.capture() as captured:
+        sft.build_model(config, CPU)
+    assert "method.dropout is 0.05" in captured.get() and "method.dropout: 0" in captured.get()
+    config.method.dropout = 0.0
+    with console.capture() as captured:
+        sft.build_model(config, CPU)
+    assert "method.dropout" not in captured.get()
