@@ -136,7 +136,7 @@ def test_graphed_training_equals_eager_bf16(method: str) -> None:
     counts = graphed["counts"]
     # 4 layers: the 256 shape recorded at its 2nd sight and replayed then and at its 4 later sights, 128 at its
     # 2nd and 3rd sight, 64 (seen once) never
-    assert counts["recorded"] == 8 and counts["failed"] == 0, counts
+    assert counts["recorded"] == 8 and counts["failed"] == 0, (counts, graphed["reasons"])
     assert counts["replayed"] == 4 * 7, counts
     assert eager["counts"].get("replayed", 0) == 0
     assert worst < 1e-2

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import traceback
 import warnings
 from typing import Any
 
@@ -218,6 +220,20 @@ def _recording(device_type: str, autocast: tuple[bool, torch.dtype], attention: 
         yield
 
 
+def _describe(error: BaseException) -> str:
+    """The error in one line, with the error it arose from: a capture that fails reports only "operation failed
+    due to a previous error during capture"; the op that broke it is the chained one. TUNELAB_GRAPH_DEBUG=1 adds
+    the full tracebacks."""
+    parts, seen = [], error
+    while seen is not None and len(parts) < 3:
+        parts.append(f"{type(seen).__name__}: {' '.join(str(seen).split())[:300]}")
+        seen = seen.__cause__ or seen.__context__
+    text = " <- ".join(parts)
+    if os.environ.get("TUNELAB_GRAPH_DEBUG"):
+        text += "\n" + "".join(traceback.format_exception(error))
+    return text
+
+
 def _reset_cuda_generator(device: torch.device) -> None:
     """After a failed recording: give the device's default generator a fresh copy of its state (same seed and
     offset, out of recording mode); torch's capture_end skips that step when the capture was invalidated."""
@@ -375,7 +391,7 @@ class LayerRecorder:
             try:
                 return self._record_with(module, layer_call, hidden, keywords, params, statics, autocast, attention)
             except Exception as error:  # noqa: BLE001 - any failure means: keep the eager checkpoint for this shape
-                errors.append(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
+                errors.append(_describe(error))
                 torch.cuda.synchronize(hidden.device)
                 if self.warmed:
                     # the recording itself failed: torch leaves the CUDA random generator in recording mode (every
