@@ -31,9 +31,9 @@ grad), tuples of tensors or plain values, an output of the input's shape. A shap
 is seen (a shape seen once is not worth recording), at most MAX_SHAPES shapes per layer. A warm-up that fails
 (an op that synchronises: they are set to raise while warming up) is retried with flash / memory-efficient
 attention, then that shape stays eager for every layer of the class, with a warning. A recording that fails after
-a clean warm-up stops recording in the process (torch may leave its state mid-recording; the random generator is
-restored). Numbers: the same as the eager fast path within bf16 rounding (measured on the 1B shape: 1e-4 per
-step over 12 steps; tests/gpu/test_graphed_layers_gpu.py).
+a clean warm-up stops recording in the process (torch may leave its state mid-recording: the random generator
+and the allocator's routing to the pool are restored). Numbers: the same as the eager fast path within bf16
+rounding (measured on the 1B shape: 1e-4 per step over 12 steps; tests/gpu/test_graphed_layers_gpu.py).
 """
 
 from __future__ import annotations
@@ -243,6 +243,19 @@ def _reset_cuda_generator(device: torch.device) -> None:
         generator.graphsafe_set_state(generator.clone_state())
 
 
+def _end_pool_routing(device: torch.device, pool: Any) -> None:
+    """After a failed recording: end the caching allocator's routing to the graphs' pool. torch's capture_end
+    raises on an invalidated capture before it ends that routing, and while any routing is open the allocator
+    never processes its stream events: every block freed after a record_stream (the offloaded layer inputs, each
+    step) would stay allocated for the rest of the process, and the next capture into the pool would fail."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None or pool is None:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with contextlib.suppress(RuntimeError):  # "not currently recording": capture_end got as far as ending it
+        end(index, pool)
+
+
 @contextlib.contextmanager
 def _synchronising_ops_raise() -> Any:
     previous = torch.cuda.get_sync_debug_mode()
@@ -395,8 +408,10 @@ class LayerRecorder:
                 torch.cuda.synchronize(hidden.device)
                 if self.warmed:
                     # the recording itself failed: torch leaves the CUDA random generator in recording mode (every
-                    # later random op would fail) and maybe its allocator: restore the one, record nothing more
+                    # later random op would fail) and its allocator routing to the pool: restore both, record
+                    # nothing more
                     _reset_cuda_generator(hidden.device)
+                    _end_pool_routing(hidden.device, self.pool)
                     ENABLED["on"] = False
                     break
         warnings.warn(
