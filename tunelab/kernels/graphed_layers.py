@@ -21,9 +21,10 @@ and writes its results to static buffers that are copied out right after, so all
 Adapter half-copies are made inside the graphs (adapter_cache.bypassed), autocast's weight cache is off while
 recording, and the recording happens after two eager warm-up passes of exactly the recorded code.
 
-Memory: the graphs' temporaries live in their own pool. Measured on an H100 (BENCHMARKS.md, 1B / 8B LoRA and
-QLoRA): the allocated peak rises by 0.16-1.16 GiB and the reserved memory by 1-5 GiB, which is why
-train.cuda_graphs auto records only where the GPU has that much free (LayerRecorder._room_for_graphs).
+Memory: the graphs' temporaries live in their own pool. Measured on an H100 (BENCHMARKS.md) against the same
+fast path without graphs, allocated peak: +0.16 GiB (1B LoRA), +0.12 (1B QLoRA), +0.33 (8B QLoRA), +1.16 (8B LoRA);
+reserved memory 1-5 GiB more, which is why train.cuda_graphs auto records only where the GPU has that much free
+(LayerRecorder._room_for_graphs).
 
 Used only where that is safe, else the layer keeps torch's checkpoint, call by call: CUDA, grad enabled, no
 dropout, no module hooks, a single positional tensor input, keyword arguments that are tensors (not requiring
