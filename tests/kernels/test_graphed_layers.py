@@ -115,3 +115,40 @@ def test_auto_records_only_where_the_gpu_has_room(monkeypatch: pytest.MonkeyPatc
             assert not recorder._room_for_graphs(device)  # decided once, warned once
     forced = graphed_layers.LayerRecorder()  # train.cuda_graphs: true
     assert forced._room_for_graphs(device)
+
+
+def test_collector_is_paused_while_recording_and_restored_after() -> None:
+    import gc
+
+    assert gc.isenabled()
+    with graphed_layers._collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), graphed_layers._collector_paused():
+        raise ValueError("a failed recording")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with graphed_layers._collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
+
+
+def test_failure_description_names_the_chained_error() -> None:
+    try:
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture") from None
+    except RuntimeError as error:
+        assert "previous error" in graphed_layers._describe(error)
+    try:
+        try:
+            raise OSError("cuda event destroy")
+        except OSError:
+            raise RuntimeError("capture invalidated")  # noqa: B904 - the implicit chain is what is under test
+    except RuntimeError as error:
+        text = graphed_layers._describe(error)
+    assert text.startswith("RuntimeError: capture invalidated <- OSError: cuda event destroy"), text

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import traceback
 import warnings
@@ -242,6 +243,21 @@ def _reset_cuda_generator(device: torch.device) -> None:
     generator = torch.cuda.default_generators[index]
     if hasattr(generator, "clone_state") and hasattr(generator, "graphsafe_set_state"):
         generator.graphsafe_set_state(generator.clone_state())
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Any:
+    """Python's cyclic garbage collector off while a graph records (torch.cuda.graph collects just before):
+    objects it would free there may hold CUDA resources whose destructors make calls a capture forbids, and a
+    destructor only warns, so the capture fails later with "a previous error during capture" and no culprit.
+    A hardening: it is not established as the cause of the failed recordings in BENCHMARKS.md."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _end_pool_routing(device: torch.device, pool: Any) -> None:
@@ -486,12 +502,12 @@ class LayerRecorder:
                     backward_body()
             self.warmed = True
             mark("after warm-up")
-            with torch.cuda.graph(graphs.forward_graph, pool=self.pool, stream=self.stream,
-                                  capture_error_mode="thread_local"):  # fmt: skip
+            with _collector_paused(), torch.cuda.graph(graphs.forward_graph, pool=self.pool, stream=self.stream,
+                                                       capture_error_mode="thread_local"):  # fmt: skip
                 forward_body()
             mark("after forward recording")
-            with torch.cuda.graph(graphs.backward_graph, pool=self.pool, stream=self.stream,
-                                  capture_error_mode="thread_local"):  # fmt: skip
+            with _collector_paused(), torch.cuda.graph(graphs.backward_graph, pool=self.pool, stream=self.stream,
+                                                       capture_error_mode="thread_local"):  # fmt: skip
                 backward_body()
             mark("after backward recording")
         current.wait_stream(self.stream)
