@@ -3,9 +3,11 @@
 For each setting: allocated memory after every step, the peak within it, reserved memory, the memory at each phase
 of the first and the last layer's recording (warm-up, forward graph, backward graph), and at the end the live CUDA
 tensors of 1 MiB or more grouped by shape (what outlives a step). A diagnostic for the layer graphs'
-memory (kernels/graphed_layers.py); runs on the 1B shape of benchmarks/llm_sft.py.
+memory (kernels/graphed_layers.py); runs on the 1B (micro-batch 4) or 8B (micro-batch 2) shape of
+benchmarks/llm_sft.py.
 
     python3 benchmarks/layer_graphs_memory.py --method qlora --steps 4
+    python3 benchmarks/layer_graphs_memory.py --method lora --shape 8b --steps 3 --graphs-only
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def live_tensors(min_bytes: int = 1 << 20) -> Counter:
     return seen
 
 
-def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
+def run(method: str, steps: int, graphs: bool, folder: Path, micro: int) -> None:
     import llm_sft as bench
     import torch
 
@@ -46,14 +48,14 @@ def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, optimizer, loss_fn = bench.load_tunelab(folder, method, 4, fast=True, offload=True)
+    model, optimizer, loss_fn = bench.load_tunelab(folder, method, micro, fast=True, offload=True)
     model.train()
     recorder = getattr(model, "_tunelab_layer_recorder", None)
     if recorder is not None:
         recorder.trace = []  # allocated / peak / reserved at each phase of every layer's recording
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"\n== {method}, cuda_graphs {graphs}: after loading {torch.cuda.memory_allocated() / 2**30:.3f} GiB")
-    for step, ids in enumerate(bench.batches(4, steps, 128256)):
+    for step, ids in enumerate(bench.batches(micro, steps, 128256)):
         torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model, ids.cuda())
@@ -69,7 +71,7 @@ def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
             f"{torch.cuda.memory_allocated() / 2**30:.3f}, peak {torch.cuda.max_memory_allocated() / 2**30:.3f}, "
             f"reserved {torch.cuda.memory_reserved() / 2**30:.3f}"
         )
-    print("recorder:", recorder.counts if recorder is not None else None)
+    print("recorder:", recorder.counts if recorder is not None else None, recorder.reasons if recorder else "")
     if recorder is not None and recorder.trace:
         gib = 2**30
         layers = recorder.layers
@@ -86,17 +88,16 @@ def run(method: str, steps: int, graphs: bool, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="qlora", choices=["lora", "qlora"])
+    parser.add_argument("--shape", default="1b", choices=["1b", "8b"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--graphs-only", action="store_true", help="skip the run without graphs")
     args = parser.parse_args()
     import llm_sft as bench
-    import sft_qlora_smoke as smoke
 
-    folder = bench.default_workdir() / "1b"
-    if not (folder / "config.json").exists():
-        smoke.save_model_dir(folder, smoke.LLAMA_32_1B)
+    folder = bench.build_models(bench.default_workdir(), {args.shape})[args.shape]
+    micro = bench.ROWS[f"{args.shape}-{args.method}"][2]
     for graphs in (True,) if args.graphs_only else (False, True):
-        run(args.method, args.steps, graphs, folder)
+        run(args.method, args.steps, graphs, folder, micro)
 
 
 if __name__ == "__main__":

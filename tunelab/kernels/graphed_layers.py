@@ -56,6 +56,9 @@ RECORD_AT = 2  # a shape is recorded the RECORD_AT-th time a layer sees it
 WARMUP_PASSES = 2  # eager passes on the recording stream before recording (kernel compilation, cuBLAS workspaces)
 ENABLED = {"on": True}  # a process-wide switch (benchmarks time both)
 HEADROOM_BYTES = 2 << 30  # train.cuda_graphs auto: free GPU memory wanted beyond what the run reserved so far
+# cudaStreamCaptureMode of the recordings: thread_local lets other threads (the data loader's pinned-memory thread)
+# make calls a capture forbids; TUNELAB_GRAPH_CAPTURE_MODE=global|relaxed for diagnosing failed recordings
+CAPTURE_MODE = os.environ.get("TUNELAB_GRAPH_CAPTURE_MODE", "thread_local")
 
 
 # ----------------------------------------------------------------------------------------------- keys and checks
@@ -503,11 +506,11 @@ class LayerRecorder:
             self.warmed = True
             mark("after warm-up")
             with _collector_paused(), torch.cuda.graph(graphs.forward_graph, pool=self.pool, stream=self.stream,
-                                                       capture_error_mode="thread_local"):  # fmt: skip
+                                                       capture_error_mode=CAPTURE_MODE):  # fmt: skip
                 forward_body()
             mark("after forward recording")
             with _collector_paused(), torch.cuda.graph(graphs.backward_graph, pool=self.pool, stream=self.stream,
-                                                       capture_error_mode="thread_local"):  # fmt: skip
+                                                       capture_error_mode=CAPTURE_MODE):  # fmt: skip
                 backward_body()
             mark("after backward recording")
         current.wait_stream(self.stream)
