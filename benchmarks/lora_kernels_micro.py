@@ -161,6 +161,12 @@ def tile_rows(tokens: int, inner: int) -> dict[str, float]:
             lambda: kernels.swiglu_lowrank_backward(grad, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up)
         )
     kernels.TILES.update(default)
+    # the layer graphs' recompute skips the forward kernel; the backward kernel then also writes h
+    rows["swiglu kernel backward writing h (store_h), default tile"] = cuda_ms(
+        lambda: kernels.swiglu_lowrank_backward(
+            grad, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up, store_h=True
+        )
+    )
     rows["liger swiglu forward (no low rank)"] = cuda_ms(lambda: LigerSiLUMulFunction.apply(gate, up, 1.0, 1.0))
     small = make(64, 256)
     with torch.no_grad():

@@ -156,6 +156,48 @@ def test_lora_mlp_equals_reference(dtype: torch.dtype, tol: float) -> None:
         assert all(t.dtype == torch.float32 for t in fast[2:])  # adapter gradients in the adapters' dtype
 
 
+@pytest.mark.parametrize("dtype,tol", CASES)
+def test_lora_mlp_recompute_without_output_equals_reference(dtype: torch.dtype, tol: float) -> None:
+    """The layer graphs' recompute (lora_mlp.output_unused: no SwiGLU forward, no down projection; backward's
+    SwiGLU kernel writes h): the gradients against the plain formula in fp32, and the h the backward kernel
+    writes equals the forward kernel's (the same fp32 arithmetic in the same order: equal, or within one bf16
+    rounding where the compiler orders the low-rank dot differently)."""
+    from tunelab.kernels import lora_mlp, lora_swiglu_triton
+
+    scalings = (2.0, 2.0, 0.5)
+    x, weights, adapters, grad = _mlp_operands(dtype, 2048, 8192, (16, 16, 16), seed=7)
+    bases = tuple(torch.nn.Linear(1, 1, bias=False).cuda().requires_grad_(False) for _ in weights)
+    for base, weight in zip(bases, weights, strict=True):
+        base.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    leaves = [x.requires_grad_()] + [a.requires_grad_() for a in adapters]
+
+    def recompute(x, *ad):  # noqa: ANN001, ANN202
+        with lora_mlp.output_unused():
+            return LoraMLP.apply(x, bases, scalings, *ad)
+
+    fast = run(recompute, leaves, grad)[1:]  # the output is not computed
+    dense = tuple(w.to(dtype).float() for w in weights)
+
+    def reference(x, *ad):  # noqa: ANN001, ANN202
+        return lora_mlp_reference(x, dense, tuple(zip(ad[0::2], ad[1::2], strict=True)), scalings)
+
+    compare(fast, run(reference, fp32(leaves), grad)[1:], tol, f"lora mlp recompute {dtype}")
+    g = torch.Generator(device="cuda").manual_seed(8)
+    gate, up = (torch.randn(3000, 8192, device="cuda", generator=g).to(dtype) for _ in range(2))
+    t_gu = torch.randn(3000, 32, device="cuda", generator=g).to(dtype)
+    b_gate, b_up, a_down = (torch.randn(*shape, device="cuda", generator=g).to(dtype) / 4
+                            for shape in ((8192, 16), (8192, 16), (16, 8192)))  # fmt: skip
+    u_down = torch.randn(3000, 16, device="cuda", generator=g).to(dtype)
+    h = lora_swiglu_triton.swiglu_lowrank_forward(gate, up, t_gu[:, :16], t_gu[:, 16:], b_gate, b_up)
+    grad_h = torch.randn_like(gate)
+    *_, stored = lora_swiglu_triton.swiglu_lowrank_backward(
+        grad_h, u_down, a_down, gate.clone(), up.clone(), t_gu[:, :16], t_gu[:, 16:], b_gate, b_up, store_h=True
+    )
+    differing = int((stored != h).sum())
+    print(f"\nh from the backward kernel: {differing} of {h.numel()} elements differ from the forward kernel's")
+    assert rel_err(stored, h) < (1e-7 if dtype == torch.float32 else 1e-4), rel_err(stored, h)
+
+
 def test_lora_mlp_on_4bit_weights_equals_reference() -> None:
     bnb = pytest.importorskip("bitsandbytes")
     x, weights, adapters, grad = _mlp_operands(torch.bfloat16, 2048, 8192, (16, 16, 16), seed=6)

@@ -6,6 +6,7 @@ installed) and on the GPU in tests/gpu/test_fast_kernels_gpu.py."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -62,6 +63,30 @@ def test_function_equals_reference_fp32() -> None:
     for index, (got, expected) in enumerate(zip(fast, want, strict=True)):
         assert got.shape == expected.shape, index
         assert rel_err(got, expected) < 1e-5, (index, rel_err(got, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recompute_without_output_gives_the_same_gradients(dtype: torch.dtype) -> None:
+    """Under output_unused (the layer graphs' recompute) the forward skips the SwiGLU forward and the down
+    projection; backward recomputes h in its SwiGLU piece. The gradients equal those after a full forward."""
+    x, weights, adapters = _operands()
+    x = x.detach().to(dtype).requires_grad_()
+    bases = tuple(_Base(w.to(dtype)) for w in weights)
+    scalings = (2.0, 0.5, 1.5)
+    grad_out = torch.randn(3, 11, 24).to(dtype)
+    leaves = [x] + [t for pair in adapters for t in pair]
+    results = []
+    for unused in (False, True):
+        with lora_mlp.output_unused() if unused else contextlib.nullcontext():
+            out = LoraMLP.apply(x, bases, scalings, *leaves[1:])
+        assert out.shape == (3, 11, 24)
+        out.backward(grad_out)
+        results.append([t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the thin products' GEMMs may round differently
+    for index, (full, skipped) in enumerate(zip(*results, strict=True)):
+        assert rel_err(skipped, full) < tolerance, (index, rel_err(skipped, full))
 
 
 def test_backward_twice_is_a_clear_error() -> None:
@@ -175,6 +200,14 @@ def _interpreter_script() -> str:
                                                             t_gate, t_up, b_gate, b_up)
             for a, b in zip(mine, theirs):
                 assert rel(a, b) < 1e-5, ("backward", rel(a, b))
+            # store_h: the forward's h written over grad_h, the same values the forward kernel computes
+            mine = kernels.swiglu_lowrank_backward(grad_h.clone(), u_down, a_down, gate.clone(), up.clone(), t_gate,
+                                                   t_up, b_gate, b_up, store_h=True)
+            theirs = lora_mlp.swiglu_lowrank_backward_torch(grad_h.clone(), u_down, a_down, gate.clone(), up.clone(),
+                                                            t_gate, t_up, b_gate, b_up, store_h=True)
+            for a, b in zip(mine, theirs):
+                assert rel(a, b) < 1e-5, ("backward with h", rel(a, b))
+            assert torch.equal(mine[2], got), "h from the backward kernel differs from the forward kernel's"
         print("interpreter ok")
         """
     )

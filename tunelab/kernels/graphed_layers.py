@@ -9,7 +9,8 @@ with one CPU call. Here, per checkpointed layer and input shape:
 - a forward graph: the layer under no_grad (what checkpointing runs first: only the output is kept);
 - a backward graph: the recompute under grad, then `torch.autograd.grad` of the layer's output against the
   incoming gradient, for the layer input and its trainable parameters. The layer's last projection (the MLP's
-  down projection) is not recomputed: backward never reads its output (lora_mlp.output_unused).
+  down projection) is not recomputed: backward never reads its output; nor is the SwiGLU forward (backward's
+  SwiGLU kernel writes h while it reads the same tiles; lora_mlp.output_unused).
 
 `GraphedLayer` is the autograd function in between: it keeps the layer's input as checkpointing does (the offload
 hooks see it the same way), replays the forward graph, and in backward replays the backward graph and returns the

@@ -38,9 +38,12 @@ _OUTPUT_UNUSED = [0]
 
 @contextlib.contextmanager
 def output_unused() -> Iterator[None]:
-    """Inside: LoraMLP saves everything its backward needs but does not compute its output (an uninitialised
-    tensor of the right shape is returned). For a checkpoint recompute whose output nobody reads: the down
-    projection, ~27% of a Llama layer's GEMM work, is skipped (kernels/graphed_layers.py)."""
+    """Inside: LoraMLP computes only what its backward cannot (the gate and up GEMMs) and not its output (an
+    uninitialised tensor of the right shape is returned). For a checkpoint recompute whose output nobody reads
+    (kernels/graphed_layers.py): the down projection, ~27% of a Llama layer's GEMM work, is skipped, and so is
+    the SwiGLU forward: backward's SwiGLU kernel writes h while it reads the same gate and up tiles, into the
+    buffer of the gradient it has just consumed (one tokens x intermediate activation less in the layer's
+    backward, and one pass over gate and up less)."""
     _OUTPUT_UNUSED[0] += 1
     try:
         yield
@@ -89,9 +92,11 @@ def swiglu_lowrank_backward_torch(
     t_up: torch.Tensor,
     b_gate: torch.Tensor,
     b_up: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    store_h: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """The Triton backward kernel's twin: for dH = grad_h + u_down a_down, dG = dH u silu'(g) and dU = dH silu(g),
-    written over gate and up (returned), computed in fp32."""
+    written over gate and up (returned), computed in fp32; with `store_h`, also h = silu(g) u (the forward's
+    output) written over grad_h and returned third."""
     dh = grad_h.float() + u_down.float() @ a_down.float()
     g = gate.float() + t_gate.float() @ b_gate.float().t()
     u = up.float() + t_up.float() @ b_up.float().t()
@@ -99,6 +104,9 @@ def swiglu_lowrank_backward_torch(
     silu = g * sig
     gate.copy_(dh * u * (sig + silu * (1 - sig)))
     up.copy_(dh * silu)
+    if store_h:
+        grad_h.copy_(silu * u)
+        return gate, up, grad_h
     return gate, up
 
 
@@ -147,11 +155,14 @@ class LoraMLP(torch.autograd.Function):
         t_gate, t_up = t_gu[:, :rank_gate], t_gu[:, rank_gate:]
         gate = flat @ dense_weight(bases[0], dtype).t()
         up = flat @ dense_weight(bases[1], dtype).t()
-        h = forward_piece(gate, up, t_gate, t_up, bg, bu)
-        t_down = h @ ad_t
         if _OUTPUT_UNUSED[0]:
-            out = h.new_empty(h.shape[0], bd_t.shape[1])  # a recompute: backward needs h and t_down, not y
+            # a recompute whose output nobody reads: backward recomputes h inside its SwiGLU kernel (written over
+            # the down projection's input gradient, which that kernel has just read), so neither h nor y is made
+            h = t_down = None
+            out = gate.new_empty(gate.shape[0], bd_t.shape[1])
         else:
+            h = forward_piece(gate, up, t_gate, t_up, bg, bu)
+            t_down = h @ ad_t
             out = t_down @ bd_t  # the thin term first; the base GEMM accumulates into it in its epilogue
             out.addmm_(h, dense_weight(bases[2], dtype).t())
         ctx.save_for_backward(x, gate, up, t_gu, h, t_down, a_gu, ad, bg, bu, bd)
@@ -177,12 +188,18 @@ class LoraMLP(torch.autograd.Function):
 
         # down projection: y = h W_d^T + t_down bd^T with t_down = h A_d^T
         u_down = grad @ bd  # tokens x r: dL/d(t_down), the scaling inside bd
+        grad_h = grad @ dense_weight(ctx.bases[2], dtype)
+        # SwiGLU, with dL/dh's low-rank term u_down A_d added inside: dG, dU written over G, U (and, after a
+        # recompute that skipped it, h over grad_h)
+        if h is None:
+            d_gate, d_up, h = backward_piece(grad_h, u_down, ad, gate, up, t_gate, t_up, bg, bu, store_h=True)
+            t_down = h @ ad.t()
+        else:
+            d_gate, d_up = backward_piece(grad_h, u_down, ad, gate, up, t_gate, t_up, bg, bu)
+        del grad_h
         grad_b_down = (grad.t() @ t_down).mul_(s_down).to(dtypes[5])
         grad_a_down = (u_down.t() @ h).to(dtypes[4])
-        grad_h = grad @ dense_weight(ctx.bases[2], dtype)
-        # SwiGLU, with dL/dh's low-rank term u_down A_d added inside: dG, dU written over G, U
-        d_gate, d_up = backward_piece(grad_h, u_down, ad, gate, up, t_gate, t_up, bg, bu)
-        del grad_h
+        del h, t_down
         # gate and up: dL/d(t_gate) = dG bg, dL/d(t_up) = dU bu (scalings inside bg, bu)
         v_gu = torch.cat([d_gate @ bg, d_up @ bu], dim=1)
         grad_b_gate = (d_gate.t() @ t_gate).mul_(s_gate).to(dtypes[1])

@@ -7,6 +7,8 @@ activations (peft: three passes per projection; an `addmm_` after the GEMM: one)
 
 Backward: with dH = dH_base + Ud Ad (the down projection's input gradient, its low-rank term added here the same
 way), dG = dH * u * silu'(g) and dU = dH * silu(g), written over G and U (each tile is read before it is written).
+With `store_h` it also writes h = silu(g) * u over dH_base (for a recompute that skipped the forward kernel: h is
+computed from the same g and u in the same order as the forward kernel does, so it is the same h).
 
 Plain PyTorch twins: lora_mlp.swiglu_lowrank_forward_torch / swiglu_lowrank_backward_torch. Imported only where
 Triton is (a CUDA device, or TRITON_INTERPRET=1 for the CPU tests).
@@ -83,7 +85,7 @@ def _forward_kernel(
 def _backward_kernel(
     grad_h, u_down, a_down, gate, up, t_gu, b_gate, b_up, n_rows, n_cols, rank_down, rank_gate, rank_up,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_DOWN: tl.constexpr, RANK_GATE: tl.constexpr,
-    RANK_UP: tl.constexpr, IEEE: tl.constexpr,
+    RANK_UP: tl.constexpr, IEEE: tl.constexpr, STORE_H: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,6 +104,8 @@ def _backward_kernel(
     d_up = dh * silu
     tl.store(gate + offsets, d_gate.to(gate.dtype.element_ty), mask=mask)
     tl.store(up + offsets, d_up.to(up.dtype.element_ty), mask=mask)
+    if STORE_H:  # this tile of grad_h was read above; the forward kernel's h = g * sigmoid(g) * u, same order
+        tl.store(grad_h + offsets, (silu * u).to(grad_h.dtype.element_ty), mask=mask)
 
 
 def _rank_block(rank: int) -> int:
@@ -128,9 +132,10 @@ def swiglu_lowrank_forward(gate, up, t_gate, t_up, b_gate, b_up) -> torch.Tensor
     return out
 
 
-def swiglu_lowrank_backward(grad_h, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up):  # noqa: ANN001, ANN201
+def swiglu_lowrank_backward(grad_h, u_down, a_down, gate, up, t_gate, t_up, b_gate, b_up, store_h=False):  # noqa: ANN001, ANN201
     """The gradients of swiglu_lowrank_forward for the upstream gradient grad_h + u_down a_down (all contiguous),
-    written over gate and up (returned)."""
+    written over gate and up (returned); with `store_h`, the forward's output h written over grad_h and returned
+    third."""
     rows, cols = gate.shape
     t_gu = _joined(t_gate, t_up)
     assert _dense(grad_h, u_down, a_down, gate, up, b_gate, b_up), "lora_swiglu_triton: operands must be contiguous"
@@ -140,9 +145,9 @@ def swiglu_lowrank_backward(grad_h, u_down, a_down, gate, up, t_gate, t_up, b_ga
         t_up.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, RANK_DOWN=_rank_block(u_down.shape[1]),
         RANK_GATE=_rank_block(t_gate.shape[1]), RANK_UP=_rank_block(t_up.shape[1]), IEEE=gate.dtype == torch.float32,
-        num_warps=warps,
+        STORE_H=store_h, num_warps=warps,
     )  # fmt: skip
-    return gate, up
+    return (gate, up, grad_h) if store_h else (gate, up)
 
 
 def _joined(t_gate: torch.Tensor, t_up: torch.Tensor) -> torch.Tensor:
