@@ -152,3 +152,87 @@ def test_failure_description_names_the_chained_error() -> None:
     except RuntimeError as error:
         text = graphed_layers._describe(error)
     assert text.startswith("RuntimeError: capture invalidated <- OSError: cuda event destroy"), text
+
+
+class _Replay:
+    """Stands in for a recorded CUDA graph on the CPU: replay() runs the recorded body, which (like the real
+    graphs) reads and writes only the static buffers."""
+
+    def __init__(self, body) -> None:  # noqa: ANN001
+        self.body = body
+
+    def replay(self) -> None:
+        self.body()
+
+
+def _simulated_layers(statics: graphed_layers._Statics, weights: list[torch.Tensor]) -> list:
+    """_LayerGraphs whose "graphs" compute tanh(x W) and its input gradient from the static buffers, writing their
+    results where the recorded bodies do (the output over the input, the input gradient over the incoming one)."""
+    layers = []
+    for weight in weights:
+        graphs = object.__new__(graphed_layers._LayerGraphs)
+        graphs.statics, graphs.params, graphs.needs_input_grad, graphs.slices, graphs.buffers = (
+            statics, [], True, [], {}
+        )  # fmt: skip
+
+        # torch.Tensor.copy_ itself: the test counts only the copies _LayerGraphs makes around the replays
+        def forward(w: torch.Tensor = weight) -> None:
+            torch.Tensor.copy_(statics.out, torch.tanh(statics.hidden @ w))
+
+        def backward(w: torch.Tensor = weight) -> None:
+            y = torch.tanh(statics.hidden @ w)
+            torch.Tensor.copy_(statics.grad_in, (statics.grad_out * (1 - y * y)) @ w.t())
+
+        graphs.forward_graph, graphs.backward_graph = _Replay(forward), _Replay(backward)
+        layers.append(graphs)
+    return layers
+
+
+@pytest.mark.parametrize("touch_between", [False, True])
+def test_buffers_that_already_hold_the_input_are_not_copied_again(touch_between: bool) -> None:
+    """A forward replay leaves its output in the input buffer, a backward replay its input gradient in the
+    incoming-gradient buffer: the next layer skips copying them in, unless the tensor was changed in between
+    (then it copies, and the results still equal plain autograd's)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 5) / 2 for _ in range(3)]
+    x = torch.randn(4, 5)
+    statics = graphed_layers._Statics(x, {})
+    assert statics.out is statics.hidden and statics.grad_in is statics.grad_out
+    layers = _simulated_layers(statics, weights)
+    copies = []
+    original_copy = statics.hidden.copy_
+    statics.hidden.copy_ = lambda source: (copies.append("hidden"), original_copy(source))[1]
+    original_grad_copy = statics.grad_out.copy_
+    statics.grad_out.copy_ = lambda source: (copies.append("grad"), original_grad_copy(source))[1]
+
+    inputs, hidden = [], x
+    for graphs in layers:
+        inputs.append(hidden)
+        hidden = graphs.forward(hidden, {})
+        if touch_between:
+            hidden.mul_(0.5)  # a change the version counter sees: the buffer no longer holds these values
+    grad = torch.ones_like(hidden)
+    for graphs, saved in zip(reversed(layers), reversed(inputs), strict=True):
+        grad, _ = graphs.backward(saved, grad, {})
+        if touch_between:
+            grad.mul_(0.5)
+
+    # the last output again, after the backward replays overwrote the buffer: copied in, not taken as held
+    again = layers[0].forward(hidden, {})
+    torch.testing.assert_close(again, torch.tanh(hidden @ weights[0]), rtol=1e-6, atol=1e-7)
+
+    # plain autograd on the same chain
+    leaf = x.clone().requires_grad_()
+    value = leaf
+    for weight in weights:
+        value = torch.tanh(value @ weight)
+        if touch_between:
+            value = value * 0.5
+    torch.testing.assert_close(hidden, value.detach(), rtol=1e-6, atol=1e-7)
+    value.backward(torch.ones_like(value))
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-6, atol=1e-7)
+    # forward: the first input is copied in; backward: every saved input is copied in, the first incoming
+    # gradient too; the others only when the tensor changed after it was handed out
+    expected = 3 if touch_between else 1
+    assert copies.count("hidden") == expected + 3 + 1
+    assert copies.count("grad") == expected

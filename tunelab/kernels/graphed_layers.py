@@ -17,8 +17,10 @@ hooks see it the same way), replays the forward graph, and in backward replays t
 gradients, so AccumulateGrad, gradient accumulation, clipping, DDP hooks and any optimizer work as before.
 
 What stays exact: every graph reads only static buffers that live outside the graphs' memory pool (the layer
-input, the incoming gradient, the keyword tensors such as rotary angles and masks, copied in before each replay)
-and writes its results to static buffers that are copied out right after, so all graphs can share one pool.
+input, the incoming gradient, the keyword tensors such as rotary angles and masks, copied in before each replay
+unless the buffer still holds exactly that tensor's values: a layer's output is written over its input buffer,
+which is the next layer's input) and writes its results to static buffers that are copied out right after, so all
+graphs can share one pool.
 Adapter half-copies are made inside the graphs (adapter_cache.bypassed), autocast's weight cache is off while
 recording, and the recording happens after two eager warm-up passes of exactly the recorded code.
 
@@ -111,13 +113,22 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 class _Statics:
     """Static buffers of one input shape, shared by every layer of the model (layers run one after another and
-    every result is copied out before the next replay), outside the graphs' pool."""
+    every result is copied out before the next replay), outside the graphs' pool.
+
+    A forward graph writes the layer's output over its input buffer (`out` is `hidden`: the copy is the graph's
+    last op, after every read of the input), so right after a replay the buffer already holds the next layer's
+    input; the backward graphs do the same with the input gradient over the incoming one. `held` remembers the
+    tensor handed out with the buffer's contents (and its version), and the next replay skips copying it in
+    (one tokens x hidden copy less per layer and direction). Whatever else writes a buffer lets go of it."""
 
     def __init__(self, hidden: torch.Tensor, keywords: dict[str, Any]) -> None:
         self.hidden = torch.empty_like(hidden)
+        self.out = self.hidden  # the forward graph's result, written after its last read of the input
         self.grad_out = torch.empty_like(hidden)
-        self.grad_in = torch.empty_like(hidden)
-        self.out = torch.empty_like(hidden)
+        self.grad_in = self.grad_out  # the backward graph's input gradient, written after autograd is done
+        # buffer name -> (the tensor handed out holding the same values, its version then); strong references:
+        # the tensor is the next layer's input or incoming gradient anyway, and a held pointer cannot be reused
+        self.held: dict[str, tuple[torch.Tensor, int]] = {}
         self.keywords: dict[str, Any] = {}
         for name, value in keywords.items():
             tensors = _tensors(value)
@@ -132,6 +143,32 @@ class _Statics:
                 )
         self.sources: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
         self.param_grads: dict[torch.dtype, torch.Tensor] = {}
+
+    def hold(self, buffer: str, tensor: torch.Tensor) -> None:
+        """`tensor` now has the same values as the buffer `buffer` ("hidden" or "grad")."""
+        self.held[buffer] = (tensor, tensor._version)
+
+    def release(self, buffer: str | None = None) -> None:
+        """The buffer (every buffer when None) is about to be written by something else."""
+        if buffer is None:
+            self.held.clear()
+        else:
+            self.held.pop(buffer, None)
+
+    def holds(self, buffer: str, tensor: torch.Tensor) -> bool:
+        """Whether the buffer already has `tensor`'s values: it is the tensor handed out after the last write (the
+        same memory, shape and strides) and nothing has written to that tensor since."""
+        entry = self.held.get(buffer)
+        if entry is None:
+            return False
+        kept, version = entry
+        return (
+            kept.data_ptr() == tensor.data_ptr()
+            and kept.shape == tensor.shape
+            and kept.stride() == tensor.stride()
+            and kept.dtype == tensor.dtype
+            and tensor._version == version
+        )
 
     def load_keywords(self, keywords: dict[str, Any]) -> None:
         """Copy keyword tensors in, skipping those already there (the rotary angles are one tensor for all layers)."""
@@ -176,20 +213,31 @@ class _LayerGraphs:
         self.pointers = [p.data_ptr() for p in params]
 
     def forward(self, hidden: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor:
-        self.statics.hidden.copy_(hidden)
-        self.statics.load_keywords(keywords)
+        statics = self.statics
+        statics.release("grad")  # a new pass: the last backward's input gradient need not be kept for it
+        if not statics.holds("hidden", hidden):  # not the previous layer's output, still in the buffer
+            statics.hidden.copy_(hidden)
+        statics.load_keywords(keywords)
         self.forward_graph.replay()
-        return self.statics.out.clone()
+        out = statics.out.clone()
+        statics.hold("hidden", out)
+        return out
 
     def backward(
         self, hidden: torch.Tensor, grad_out: torch.Tensor, keywords: dict[str, Any]
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         statics = self.statics
+        statics.release("hidden")
         statics.hidden.copy_(hidden)
-        statics.grad_out.copy_(grad_out)
+        if not statics.holds("grad", grad_out):  # not the next layer's input gradient, still in the buffer
+            statics.grad_out.copy_(grad_out)
         statics.load_keywords(keywords)
         self.backward_graph.replay()
         grad_in = statics.grad_in.clone() if self.needs_input_grad else None
+        if grad_in is not None:
+            statics.hold("grad", grad_in)
+        else:
+            statics.release("grad")
         copies = {dtype: buffer.clone() for dtype, buffer in self.buffers.items()}
         grads = [copies[dtype][start : start + numel].view(shape) for dtype, start, numel, shape in self.slices]
         return grad_in, grads
@@ -422,6 +470,7 @@ class LayerRecorder:
         errors = []
         for attention in (None, _flash_attention()):
             self.warmed = False
+            statics.release()  # warm-up and recording write every buffer
             try:
                 return self._record_with(module, layer_call, hidden, keywords, params, statics, autocast, attention)
             except Exception as error:  # noqa: BLE001 - any failure means: keep the eager checkpoint for this shape

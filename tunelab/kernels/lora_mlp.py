@@ -74,10 +74,11 @@ def swiglu_lowrank_forward_torch(
     b_gate: torch.Tensor,
     b_up: torch.Tensor,
 ) -> torch.Tensor:
-    """The Triton forward kernel's twin: silu(gate + t_gate b_gate^T) * (up + t_up b_up^T), computed in fp32."""
+    """The Triton forward kernel's twin: silu(gate + t_gate b_gate^T) * (up + t_up b_up^T), computed in fp32 as
+    g * sigmoid(g) * u (the kernel's order, and the backward twin's when it recomputes h: the same values)."""
     g = gate.float() + t_gate.float() @ b_gate.float().t()
     u = up.float() + t_up.float() @ b_up.float().t()
-    return (F.silu(g) * u).to(gate.dtype)
+    return (g * torch.sigmoid(g) * u).to(gate.dtype)
 
 
 @torch.autocast("cpu", enabled=False)
