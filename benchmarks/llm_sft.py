@@ -18,8 +18,9 @@ layer inputs on the GPU; `tunelab-plain` is tunelab with train.fast_kernels and 
 transformers' code with tunelab's fused loss), to measure what the fast path adds. `--profile` adds, per
 framework-row, a torch.profiler table of the GPU kernels of two more steps (PROFILE-<framework>-<row>.txt in --out),
 with a second table by own CPU time (the 1B rows are CPU-bound on some hosts). LLM_SFT_TOGGLES switches single
-pieces of tunelab's fast path off (`fused_mlp=0`, `thin_first=0`, `direct_dequant=0`, `cuda_graphs=0`); compare
-only runs of the same call and host (benchmarks/lora_kernels_micro.py times the pieces alone).
+pieces of tunelab's fast path off (`fused_mlp=0`, `fused_qkv=0`, `thin_first=0`, `direct_dequant=0`,
+`cuda_graphs=0`); compare only runs of the same call and host (benchmarks/lora_kernels_micro.py times the pieces
+alone).
 
 The real-length mode (seed-001-like dialogue lengths, packed against padded, effective tokens/s) is the sibling
 script benchmarks/llm_sft_packed.py.
@@ -212,15 +213,16 @@ def load_hf(folder: Path, method: str, framework: str) -> tuple[Any, Any, Any]:
 def apply_toggles() -> dict[str, bool]:
     """LLM_SFT_TOGGLES (e.g. "fused_mlp=0,thin_first=0,direct_dequant=0"): switch single pieces of tunelab's fast
     path off, to time what each adds on the same GPU. Returns the settings in force."""
-    from tunelab.kernels import fast_blocks, graphed_layers, lora_projection
+    from tunelab.kernels import fast_blocks, graphed_layers, lora_projection, lora_qkv
 
-    settings = {"fused_mlp": True, "thin_first": True, "direct_dequant": True, "cuda_graphs": True}
+    settings = {"fused_mlp": True, "fused_qkv": True, "thin_first": True, "direct_dequant": True, "cuda_graphs": True}
     for item in filter(None, os.environ.get("LLM_SFT_TOGGLES", "").split(",")):
         name, _, value = item.partition("=")
         if name not in settings:
             raise SystemExit(f"LLM_SFT_TOGGLES: unknown piece {name!r}; known: {', '.join(settings)}")
         settings[name] = value not in ("0", "false", "off")
     fast_blocks.FUSED_MLP_ENABLED["on"] = settings["fused_mlp"]
+    lora_qkv.FUSED_QKV_ENABLED["on"] = settings["fused_qkv"]
     graphed_layers.ENABLED["on"] = settings["cuda_graphs"]
     lora_projection.THIN_TERM_FIRST = settings["thin_first"]
     if not settings["direct_dequant"]:

@@ -18,6 +18,7 @@ import torch
 from tunelab.kernels import fast_blocks
 from tunelab.kernels.lora_mlp import LoraMLP, lora_mlp_reference
 from tunelab.kernels.lora_projection import LoraProjection, _bnb_library, dense_weight, lora_projection_reference
+from tunelab.kernels.lora_qkv import LoraQKV, lora_qkv_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -157,6 +158,33 @@ def test_lora_mlp_equals_reference(dtype: torch.dtype, tol: float) -> None:
 
 
 @pytest.mark.parametrize("dtype,tol", CASES)
+def test_lora_qkv_equals_reference(dtype: torch.dtype, tol: float) -> None:
+    """q, k, v LoRA projections as one function against the plain formula in fp32: the three outputs, the input
+    gradient and the six adapter gradients, on the Llama-3.1-8B attention shapes (GQA: k, v 4x narrower)."""
+    g = torch.Generator(device="cuda").manual_seed(9)
+    hidden, outs, ranks, scalings = 4096, (4096, 1024, 1024), (16, 16, 8), (2.0, 2.0, 0.5)
+    weights = [torch.randn(out, hidden, device="cuda", generator=g) / hidden**0.5 for out in outs]
+    adapters = []
+    for out, rank in zip(outs, ranks, strict=True):
+        adapters.append(torch.randn(rank, hidden, device="cuda", generator=g) / hidden**0.5)
+        adapters.append(torch.randn(out, rank, device="cuda", generator=g) / 4)
+    x = torch.randn(2, 1024, hidden, device="cuda", generator=g).to(dtype)
+    grads = [torch.randn(2, 1024, out, device="cuda", generator=g) for out in outs]
+    bases = tuple(torch.nn.Linear(1, 1, bias=False).cuda().requires_grad_(False) for _ in weights)
+    for base, weight in zip(bases, weights, strict=True):
+        base.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    leaves = [x.requires_grad_()] + [a.requires_grad_() for a in adapters]
+    fast = run(lambda x, *ad: LoraQKV.apply(x, bases, scalings, *ad), leaves, grads)
+    dense = tuple(w.to(dtype).float() for w in weights)
+
+    def reference(x, *ad):  # noqa: ANN001, ANN202
+        return lora_qkv_reference(x, dense, tuple(zip(ad[0::2], ad[1::2], strict=True)), scalings)
+
+    compare(fast, run(reference, fp32(leaves), grads), tol, f"lora qkv {dtype}")
+    assert all(t.dtype == torch.float32 for t in fast[4:])  # adapter gradients in the adapters' dtype
+
+
+@pytest.mark.parametrize("dtype,tol", CASES)
 def test_lora_mlp_recompute_without_output_equals_reference(dtype: torch.dtype, tol: float) -> None:
     """The layer graphs' recompute (lora_mlp.output_unused: no SwiGLU forward, no down projection; backward's
     SwiGLU kernel writes h): the gradients against the plain formula in fp32, and the h the backward kernel
@@ -250,12 +278,12 @@ def test_qlora_layers_without_grad_take_the_fused_path() -> None:
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     calls = []
-    originals = LoraMLP.apply, LoraProjection.apply
+    originals = LoraMLP.apply, LoraProjection.apply, LoraQKV.apply
 
     def counting(original):  # noqa: ANN001, ANN202
         return lambda *args: calls.append(1) or original(*args)
 
-    LoraMLP.apply, LoraProjection.apply = counting(originals[0]), counting(originals[1])
+    LoraMLP.apply, LoraProjection.apply, LoraQKV.apply = (counting(original) for original in originals)
     try:
         ids = torch.randint(0, 2000, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -267,9 +295,9 @@ def test_qlora_layers_without_grad_take_the_fused_path() -> None:
                 model(input_ids=ids[:1, :1])
                 single_token_calls = len(calls) - fused_calls - no_grad_calls
     finally:
-        LoraMLP.apply, LoraProjection.apply = originals
+        LoraMLP.apply, LoraProjection.apply, LoraQKV.apply = originals
     print(f"\nfused calls: with grad {fused_calls}, without {no_grad_calls}, one token {single_token_calls}")
-    assert fused_calls == no_grad_calls == 2 * (1 + 4)  # per layer: the MLP and the four attention projections
+    assert fused_calls == no_grad_calls == 2 * (1 + 1 + 1)  # per layer: the MLP, q/k/v together, o
     assert single_token_calls == 0
     assert rel_err(without_grad, with_grad) < 1e-3
     del model

@@ -2,6 +2,8 @@
 
 - kernels/lora_projection.py: every LoRA projection as one autograd function, the low-rank product added inside
   the base GEMM (pure PyTorch; works on any device, on by default only with CUDA);
+- kernels/lora_qkv.py: an attention block's query, key and value LoRA projections as one function (their input
+  read once for the three low-rank products, one input-gradient buffer); pure PyTorch like the projections;
 - kernels/fast_blocks.py: liger-kernel's RMSNorm, SwiGLU and rotary kernels (CUDA, Llama-family models);
 - kernels/varlen_attention.py: with data.packing, each packed example attends through variable-length flash
   attention (no FLOPs across examples or on padding);
@@ -21,6 +23,7 @@ from tunelab.config import RunConfig
 from tunelab.kernels.fast_blocks import install_fast_blocks
 from tunelab.kernels.graphed_layers import install_layer_graphs
 from tunelab.kernels.lora_projection import install_lora_projections
+from tunelab.kernels.lora_qkv import install_qkv_groups
 from tunelab.kernels.offload import offload_checkpoints
 from tunelab.kernels.varlen_attention import use_varlen_attention, varlen_available
 
@@ -44,7 +47,7 @@ def apply_fast_kernels(model: torch.nn.Module, config: RunConfig, device: torch.
     changed (empty when off)."""
     if not fast_kernels_enabled(config, device):
         return {}
-    counts = {"lora_projection": install_lora_projections(model)}
+    counts = {"lora_projection": install_lora_projections(model), "lora_qkv": install_qkv_groups(model)}
     if device.type == "cuda":
         counts.update(install_fast_blocks(model))
         # packed rows: variable-length flash attention per example instead of SDPA over a block-diagonal mask
