@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Why a layer graph fails to record on this GPU, and where the graphs' memory goes: the memory probe (1B QLoRA,
-# graphs only) under each cudaStreamCaptureMode and allocator setting, the layer-graph GPU tests, the 8B LoRA
-# memory probe and a short llm_sft row; full logs under $1. Steps are skipped once $2 seconds (default 500) passed.
+# Why a layer graph fails to record on this GPU, and where the graphs' memory goes: the GPU tests of the newest
+# kernels, the memory probe (1B QLoRA, graphs only) under each cudaStreamCaptureMode and allocator setting, the
+# layer-graph GPU tests, the 8B LoRA memory probe; full logs under $1. A step is skipped when fewer seconds than its
+# limit are left of $2 (default 500).
 #     bash benchmarks/graph_capture_diagnose.sh "$OUT/diag" 500
 out="${1:-/tmp/graph-diag}"
 budget="${2:-500}"
@@ -18,6 +19,8 @@ step() {  # name, timeout, then the command; skipped when less time is left than
     "$out/$name.log" | grep -v "^E  " | cut -c1-700 | head -40
 }
 probe=(python3 benchmarks/layer_graphs_memory.py --method qlora --steps 3 --graphs-only)
+step new-kernel-tests 120 python3 -m pytest tests/gpu/test_fast_kernels_gpu.py -m gpu -p no:cacheprovider -o addopts="" \
+  -q -s -k "qkv or recompute_without_output or without_grad"
 step probe-thread_local 120 env TUNELAB_GRAPH_CAPTURE_MODE=thread_local "${probe[@]}"
 step test-graphed-layers 150 python3 -m pytest tests/gpu/test_graphed_layers_gpu.py -m gpu -p no:cacheprovider \
   -o addopts="" -q -s -x
