@@ -83,6 +83,8 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     generator = torch.Generator().manual_seed(1)
+    # `loss` stays referenced while the next micro-batch runs forward (as in tunelab's loop): the previous graph
+    # keeps every parameter's gradient accumulator, made on the default stream, alive during the recordings
     losses, first_grads = [], None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
     torch.cuda.reset_peak_memory_stats()

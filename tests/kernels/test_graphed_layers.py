@@ -236,3 +236,35 @@ def test_buffers_that_already_hold_the_input_are_not_copied_again(touch_between:
     expected = 3 if touch_between else 1
     assert copies.count("hidden") == expected + 3 + 1
     assert copies.count("grad") == expected
+
+
+def test_recording_uses_fresh_leaves_for_the_parameters() -> None:
+    """Inside _fresh_parameter_leaves the layer computes with new leaves that share the parameters' storage (so a
+    gradient accumulator a previous graph still holds, made on another stream, is never reached); the gradients
+    for them are the parameters' gradients; the parameters are back in place after, also after an error."""
+    tokenizer = make_tokenizer("chatml")
+    model = get_peft_model(make_tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    layer = model.get_base_model().model.layers[0]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    before = list(layer.parameters())
+    hidden = torch.randn(2, 5, 64)
+    position = model.get_base_model().model.rotary_emb(hidden, torch.arange(5).unsqueeze(0))
+
+    def loss_of(module: torch.nn.Module) -> torch.Tensor:
+        return module(hidden, position_embeddings=position).float().square().sum()
+
+    want = torch.autograd.grad(loss_of(layer), params)
+    with graphed_layers._fresh_parameter_leaves(layer, params) as leaves:
+        assert len(leaves) == len(params)
+        assert all(a is not b and a.data_ptr() == b.data_ptr() for a, b in zip(leaves, params, strict=True))
+        assert {id(p) for p in layer.parameters() if p.requires_grad} == {id(leaf) for leaf in leaves}
+        got = torch.autograd.grad(loss_of(layer), leaves)
+    for mine, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert all(a is b for a, b in zip(layer.parameters(), before, strict=True))
+    with pytest.raises(RuntimeError), graphed_layers._fresh_parameter_leaves(layer, params):
+        raise RuntimeError("a failed recording")
+    assert all(a is b for a, b in zip(layer.parameters(), before, strict=True))

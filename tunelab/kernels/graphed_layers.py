@@ -22,7 +22,10 @@ unless the buffer still holds exactly that tensor's values: a layer's output is 
 which is the next layer's input) and writes its results to static buffers that are copied out right after, so all
 graphs can share one pool.
 Adapter half-copies are made inside the graphs (adapter_cache.bypassed), autocast's weight cache is off while
-recording, and the recording happens after two eager warm-up passes of exactly the recorded code.
+recording, and the recording happens after two eager warm-up passes of exactly the recorded code. While warming up and recording,
+the layer's trainable parameters are stand-in leaves sharing their storage (_fresh_parameter_leaves): a
+parameter's gradient accumulator kept alive from an earlier graph, made on another stream, would otherwise be
+pulled into the capture and invalidate it (a gradient-accumulation loop keeps the previous micro-batch's graph).
 
 Memory: the graphs' temporaries live in their own pool. Measured on an H100 (BENCHMARKS.md) against the same
 fast path without graphs, allocated peak: +0.16 GiB (1B LoRA), +0.12 (1B QLoRA), +0.33 (8B QLoRA), +1.16 (8B LoRA);
@@ -274,6 +277,31 @@ def _recording(device_type: str, autocast: tuple[bool, torch.dtype], attention: 
         yield
 
 
+@contextlib.contextmanager
+def _fresh_parameter_leaves(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> Any:
+    """Inside: every parameter of `params` is replaced in `module` by a new leaf sharing its storage (yielded in
+    the same order), so the autograd nodes that receive their gradients are made on the recording stream.
+
+    Why: a parameter's gradient accumulator node keeps the stream it was made on, and lives as long as any graph
+    that uses it; a previous micro-batch's graph (a `loss` still referenced while the next forward runs, as in a
+    gradient-accumulation loop) or DDP's hooks keep one made on the default stream. autograd.grad inside the
+    recording then makes that non-capturing stream wait on the capture, which invalidates it ("operation failed
+    due to a previous error during capture"; pytorch#180090). The new leaves' nodes are made during the warm-up
+    and the recording themselves. Shares the values: the graphs read the parameters as the optimizer leaves them."""
+    aliases = {id(param): torch.nn.Parameter(param.detach(), requires_grad=True) for param in params}
+    swapped = []
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and id(param) in aliases:
+                swapped.append((sub, name, param))
+                sub._parameters[name] = aliases[id(param)]
+    try:
+        yield [aliases[id(param)] for param in params]
+    finally:
+        for sub, name, param in swapped:
+            sub._parameters[name] = param
+
+
 def _describe(error: BaseException) -> str:
     """The error in one line, with the error it arose from: a capture that fails reports only "operation failed
     due to a previous error during capture"; the op that broke it is the chained one. TUNELAB_GRAPH_DEBUG=1 adds
@@ -513,7 +541,7 @@ class LayerRecorder:
         run = functools.partial(layer_call.func, *layer_call.args, **statics.keywords)
         device_type = hidden.device.type
         leaf = statics.hidden.detach().requires_grad_(needs_input_grad)
-        targets = ([leaf] if needs_input_grad else []) + params
+        targets: list[torch.Tensor] = []  # set below: the input leaf and the parameters' fresh leaves
 
         def forward_body() -> torch.Tensor:
             with torch.no_grad():
@@ -543,7 +571,12 @@ class LayerRecorder:
         current = torch.cuda.current_stream(hidden.device)
         self.stream.wait_stream(current)
         mark("before warm-up")
-        with torch.cuda.stream(self.stream), _recording(device_type, autocast, attention):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.cuda.stream(self.stream))
+            stack.enter_context(_recording(device_type, autocast, attention))
+            targets += ([leaf] if needs_input_grad else []) + stack.enter_context(
+                _fresh_parameter_leaves(module, params)
+            )
             # the warm-up runs exactly what is recorded, copies included: every kernel is launched (and, with
             # CUDA's lazy module loading, loaded) before the recording, where loading one would invalidate it
             with _synchronising_ops_raise():  # an op that waits for the GPU cannot be recorded: find it here
