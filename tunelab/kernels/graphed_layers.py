@@ -22,10 +22,11 @@ unless the buffer still holds exactly that tensor's values: a layer's output is 
 which is the next layer's input) and writes its results to static buffers that are copied out right after, so all
 graphs can share one pool.
 Adapter half-copies are made inside the graphs (adapter_cache.bypassed), autocast's weight cache is off while
-recording, and the recording happens after two eager warm-up passes of exactly the recorded code. While warming up and recording,
-the layer's trainable parameters are stand-in leaves sharing their storage (_fresh_parameter_leaves): a
-parameter's gradient accumulator kept alive from an earlier graph, made on another stream, would otherwise be
-pulled into the capture and invalidate it (a gradient-accumulation loop keeps the previous micro-batch's graph).
+recording, and the recording happens after two eager warm-up passes of exactly the recorded code. While warming
+up and recording, the layer's trainable parameters are stand-in leaves sharing their storage
+(_fresh_parameter_leaves): a parameter's gradient accumulator kept alive from an earlier graph, made on another
+stream, would otherwise be pulled into the capture and invalidate it (a gradient-accumulation loop keeps the
+previous micro-batch's graph).
 
 Memory: the graphs' temporaries live in their own pool. Measured on an H100 (BENCHMARKS.md) against the same
 fast path without graphs, allocated peak: +0.16 GiB (1B LoRA), +0.12 (1B QLoRA), +0.33 (8B QLoRA), +1.16 (8B LoRA);
