@@ -24,7 +24,11 @@ step new-kernel-tests 120 python3 -m pytest tests/gpu/test_fast_kernels_gpu.py -
 step probe-thread_local 120 env TUNELAB_GRAPH_CAPTURE_MODE=thread_local "${probe[@]}"
 step test-graphed-layers 150 python3 -m pytest tests/gpu/test_graphed_layers_gpu.py -m gpu -p no:cacheprovider \
   -o addopts="" -q -s -x
-step probe-global 100 env TUNELAB_GRAPH_CAPTURE_MODE=global "${probe[@]}"
+step llm-sft-1b 150 python3 benchmarks/llm_sft.py --out "$out/sft" --frameworks tunelab --rows 1b-lora,1b-qlora \
+  --steps-1b 12 --warmup 3
+cat "$out/sft/llm_sft.md" 2>/dev/null
+grep -o '"layer_graphs": {[^}]*}' "$out/sft/llm_sft.json" 2>/dev/null
 step probe-8b-lora 200 python3 benchmarks/layer_graphs_memory.py --method lora --shape 8b --steps 3
+step probe-global 100 env TUNELAB_GRAPH_CAPTURE_MODE=global "${probe[@]}"
 step probe-relaxed 90 env TUNELAB_GRAPH_CAPTURE_MODE=relaxed "${probe[@]}"
 step probe-plain-allocator 90 env PYTORCH_CUDA_ALLOC_CONF= "${probe[@]}"
