@@ -3,7 +3,7 @@ peak over loading and training): max_memory_allocated after each phase of tunela
 transformers load, the method, the fast path, the offload), after the optimizer's creation and after each of the
 first training steps, on the shapes of llm_sft.py.
 
-    python3 benchmarks/load_memory_probe.py --rows 8b-lora,8b-qlora --steps 2
+    python3 benchmarks/load_memory_probe.py --rows 8b-qlora,8b-lora --steps 2   # in llm_sft.py's order
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import tunelab  # noqa: E402,F401  (before transformers: see llm_sft.py)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="8b-lora,8b-qlora")
+    parser.add_argument("--rows", default="8b-qlora,8b-lora")
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     import llm_sft as bench
     import torch
+    from layer_graphs_memory import live_tensors
 
     from tunelab.tasks import sft
 
@@ -38,6 +39,10 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        # what an earlier row of this process left allocated (llm_sft.py runs a framework's rows in one process)
+        print(f"== {row}: allocated at the start {torch.cuda.memory_allocated() / gib:.3f} GiB")
+        for (shape_, dtype, kind), count in live_tensors().most_common(6):
+            print(f"  left from before: {count} x {kind} {shape_} {dtype}")
         marks = []
 
         def mark(phase: str) -> None:
@@ -84,7 +89,6 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             del loss
             mark(f"step {step + 1} optimizer")
-        print(f"== {row}")
         for phase, allocated, peak in marks:
             print(f"  {phase:>36}: allocated {allocated:.3f} GiB, peak within the phase {peak:.3f}")
         del model, optimizer, trainable, loss_fn
