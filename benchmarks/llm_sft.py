@@ -242,6 +242,8 @@ def run_row(
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # memory an earlier row of this process still holds (a framework's rows share its process): part of the peak
+    start_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     started = time.perf_counter()
     if framework.startswith("tunelab"):
         fast, offload = framework != "tunelab-plain", framework == "tunelab"
@@ -284,6 +286,7 @@ def run_row(
         "tokens_per_s": tokens / seconds,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+        "start_gib": start_gib,
         "loss_first": float(losses[0]),
         "loss_last": float(losses[-1]),
         "losses": [round(float(x), 5) for x in losses],
