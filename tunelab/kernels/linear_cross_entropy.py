@@ -9,8 +9,11 @@ Three implementations of one function, `sum over rows of -log softmax(hidden @ w
   and at once the gradients of the hidden states (and of the weight and bias where they train), and keeps only
   those; backward scales them by the incoming gradient. The same three matrix products as the plain path, no
   recompute, and the transient memory is one chunk's logits;
-- liger-kernel's `LigerFusedLinearCrossEntropyFunction` (same scheme, the softmax and its gradient in one Triton
-  pass over each chunk) when it is installed and the tensors are on CUDA.
+- the same chunks with the softmax, the loss and the gradient in one Triton pass over each chunk's logits, in
+  place in the compute dtype (kernels/cross_entropy_triton.py), so a chunk holds ~4x the rows in the same memory
+  and the matrix products run at a larger size (impl "triton");
+- liger-kernel's `LigerFusedLinearCrossEntropyFunction` (the same scheme with its own kernel, its chunks sized
+  tokens / (vocabulary / hidden): 128 rows for Llama-3.1-8B) when it is installed and the tensors are on CUDA.
 
 `fused_linear_cross_entropy` picks one and follows the surrounding autocast the way the plain path does: the
 matrix products run in the autocast dtype, the softmax in fp32.
@@ -28,7 +31,7 @@ IGNORE_INDEX = -100
 # GPU (e.g. 256 rows x 128256 vocabulary x 2048 hidden, ~134 GFLOP) while staying small next to the weights.
 CHUNK_BYTES = 256 * 2**20
 
-Impl = Literal["auto", "chunked", "liger", "reference"]
+Impl = Literal["auto", "chunked", "triton", "liger", "reference"]
 
 
 def linear_cross_entropy_reference(
@@ -55,6 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         ignore_index: int,
         chunk_rows: int,
+        rows_kernel: Any = None,
     ) -> torch.Tensor:
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         rows = hidden.shape[0]
@@ -67,21 +71,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             end = min(start + chunk_rows, rows)
             chunk = hidden[start:end]
             target = targets[start:end]
-            valid = target != ignore_index
-            safe_target = torch.where(valid, target, 0).unsqueeze(1)
-            logits = F.linear(chunk, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_target).squeeze(1)
-            loss += torch.where(valid, lse - picked, 0.0).sum()
-            if not (need_hidden or need_weight or need_bias):
-                continue
-            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; computed in place on the fp32 logits
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad.scatter_add_(1, safe_target, torch.full_like(picked, -1.0).unsqueeze(1))
-            grad.mul_(valid.unsqueeze(1))
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-            grad = grad.to(chunk.dtype)  # the plain path's backward also runs the projection in the compute dtype
+            if rows_kernel is not None:
+                # one pass: the rows' losses, and the gradient written over the logits in the compute dtype
+                grad = F.linear(chunk, weight, bias)
+                loss += rows_kernel(grad, target.contiguous(), ignore_index).sum()
+                if grad_bias is not None:
+                    grad_bias += grad.float().sum(0)
+            else:
+                valid = target != ignore_index
+                safe_target = torch.where(valid, target, 0).unsqueeze(1)
+                logits = F.linear(chunk, weight, bias).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe_target).squeeze(1)
+                loss += torch.where(valid, lse - picked, 0.0).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                # d loss / d logits = softmax - one_hot(target), zero on ignored rows; in place on the fp32 logits
+                grad = logits.sub_(lse.unsqueeze(1)).exp_()
+                grad.scatter_add_(1, safe_target, torch.full_like(picked, -1.0).unsqueeze(1))
+                grad.mul_(valid.unsqueeze(1))
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+                grad = grad.to(chunk.dtype)  # the plain path's backward also runs the projection in this dtype
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
@@ -100,7 +111,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         out = []
         for grad in (grad_hidden, grad_weight, grad_bias):
             out.append(None if grad is None else (grad * scale).to(grad.dtype))
-        return out[0], out[1], out[2], None, None, None
+        return out[0], out[1], out[2], None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -110,13 +121,19 @@ def chunked_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk_rows: int | None = None,
+    kernel: bool = False,
 ) -> torch.Tensor:
     """Summed cross-entropy of `hidden` (rows x H) under `weight` (V x H), at most `chunk_rows` rows of logits at a
-    time (default: CHUNK_BYTES of fp32 logits). Equal to linear_cross_entropy_reference, forward and backward."""
+    time (default: CHUNK_BYTES of logits: fp32 in PyTorch, the compute dtype with `kernel`, the Triton pass of
+    kernels/cross_entropy_triton.py). Equal to linear_cross_entropy_reference, forward and backward."""
     hidden = hidden.contiguous()  # the hidden gradient is written row-slice by row-slice
+    rows_kernel = None
+    if kernel:
+        from tunelab.kernels.cross_entropy_triton import cross_entropy_rows_ as rows_kernel
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, int(chunk_rows))
+        logit_bytes = hidden.element_size() if kernel else 4
+        chunk_rows = max(1, CHUNK_BYTES // (logit_bytes * weight.shape[0]))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, int(chunk_rows), rows_kernel)
 
 
 def liger_available() -> bool:
@@ -173,4 +190,4 @@ def fused_linear_cross_entropy(
             return _liger_linear_cross_entropy(hidden.contiguous(), weight, targets.contiguous(), bias, ignore_index)
         if chosen == "reference":
             return linear_cross_entropy_reference(hidden, weight, targets, bias, ignore_index)
-        return chunked_linear_cross_entropy(hidden, weight, targets, bias, ignore_index)
+        return chunked_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, kernel=chosen == "triton")
