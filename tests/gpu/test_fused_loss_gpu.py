@@ -1,7 +1,8 @@
 """The fused linear cross-entropy on CUDA: every implementation (PyTorch chunked, chunked with the Triton pass,
-liger-kernel's where installed) equals the plain reference forward and backward (fp32: relative error < 1e-5; bf16: < 1e-2, against the reference
-on the same bf16 inputs computed in fp32), and 50 LoRA steps on a random-init Llama-3.2-1B shape give the same
-loss curve with the fused loss as with the plain one (within 1% per step), at a lower peak memory.
+liger-kernel's where installed) equals the plain reference forward and backward (fp32: relative error < 1e-5;
+bf16: < 1e-2, against the reference on the same bf16 inputs computed in fp32), and 50 LoRA steps on a random-init
+Llama-3.2-1B shape give the same loss curve with the fused loss as with the plain one (within 1% per step), at a
+lower peak memory.
 
 Runs only where CUDA is visible (the device machine); the CPU suite ignores tests/gpu:
 
