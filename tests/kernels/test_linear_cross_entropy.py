@@ -215,3 +215,26 @@ def test_fused_loss_setting() -> None:
     assert not causal_lm_loss.fused_loss_enabled("auto", torch.device("cpu"))
     assert causal_lm_loss.fused_loss_enabled(True, torch.device("cpu"))
     assert not causal_lm_loss.fused_loss_enabled(False, torch.device("cuda"))
+
+
+def test_auto_picks_the_implementation_by_the_size_of_liger_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: liger where its chunks have at least 256 rows (Llama-3.2-1B's head at 8k tokens), the Triton pass
+    where they would be smaller (Llama-3.1-8B's at 4k tokens: 128 rows), PyTorch chunks on a CPU."""
+    from tunelab.kernels import linear_cross_entropy as lce
+
+    assert lce.liger_chunk_rows(4094, 4096, 128256) == 128
+    assert lce.liger_chunk_rows(8188, 2048, 128256) == 256
+    assert lce.liger_chunk_rows(1, 4096, 128256) == 1
+    cuda = torch.device("cuda")
+    assert lce.resolve_impl("auto", torch.device("cpu"), 4094, 4096, 128256) == "chunked"
+    assert lce.resolve_impl("liger", cuda, 4094, 4096, 128256) == "liger"  # an explicit choice is kept
+    for liger, triton, shape, expected in [
+        (True, True, (4094, 4096), "triton"),
+        (True, True, (8188, 2048), "liger"),
+        (True, False, (4094, 4096), "liger"),
+        (False, True, (8188, 2048), "triton"),
+        (False, False, (8188, 2048), "chunked"),
+    ]:
+        monkeypatch.setattr(lce, "liger_available", lambda liger=liger: liger)
+        monkeypatch.setattr(lce, "triton_available", lambda triton=triton: triton)
+        assert lce.resolve_impl("auto", cuda, *shape, 128256) == expected, (liger, triton, shape)

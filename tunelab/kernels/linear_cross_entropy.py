@@ -97,6 +97,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(grad, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
                 grad_weight += (grad.t() @ chunk).float()
+            del grad  # before the next chunk's logits: one chunk's transient memory at a time, not two
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
@@ -161,11 +162,37 @@ def _liger_linear_cross_entropy(
     return (loss[0] if isinstance(loss, tuple) else loss).float()
 
 
-def resolve_impl(impl: Impl, device: torch.device) -> str:
-    """The implementation `impl` means on `device`: auto is liger on CUDA where installed, chunked otherwise."""
-    if impl == "auto":
-        return "liger" if device.type == "cuda" and liger_available() else "chunked"
-    return impl
+def triton_available() -> bool:
+    """Whether the Triton cross-entropy pass (kernels/cross_entropy_triton.py) can be imported."""
+    try:
+        from tunelab.kernels import cross_entropy_triton  # noqa: F401
+    except Exception:  # ImportError, or Triton failing to find a driver
+        return False
+    return True
+
+
+def liger_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
+    """The rows per chunk liger-kernel's fused linear cross-entropy uses (its own sizing rule)."""
+    per_row = -(-vocab // hidden)
+    return 1 << max(0, (-(-rows // per_row) - 1).bit_length())
+
+
+def resolve_impl(impl: Impl, device: torch.device, rows: int = 0, hidden: int = 1, vocab: int = 1) -> str:
+    """The implementation `impl` means on `device` for `rows` x `hidden` inputs and a `vocab`-row head. auto on
+    CUDA: liger where its chunks have at least 256 rows, else the chunked loss with the Triton pass (liger's
+    128-row chunks ran the Llama-3.1-8B head at 324 TFLOP/s on an H100, the Triton pass's 1,046-row chunks at 602,
+    for 256 MiB of transient logits instead of 31: benchmarks/fused_loss_micro.py, BENCHMARKS.md); the PyTorch
+    chunks elsewhere."""
+    if impl != "auto":
+        return impl
+    if device.type != "cuda":
+        return "chunked"
+    liger = liger_available()
+    if liger and liger_chunk_rows(rows, hidden, vocab) >= 256:
+        return "liger"
+    if triton_available():
+        return "triton"
+    return "liger" if liger else "chunked"
 
 
 def fused_linear_cross_entropy(
@@ -184,7 +211,7 @@ def fused_linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device_type)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    chosen = resolve_impl(impl, hidden.device)
+    chosen = resolve_impl(impl, hidden.device, hidden.shape[0], hidden.shape[-1], weight.shape[0])
     with torch.autocast(device_type, enabled=False):
         if chosen == "liger":
             return _liger_linear_cross_entropy(hidden.contiguous(), weight, targets.contiguous(), bias, ignore_index)
