@@ -181,3 +181,20 @@ def test_encoder_decoders_are_not_grouped() -> None:
     )
     install_lora_projections(model)
     assert install_qkv_groups(model) == 0
+
+
+def test_a_copy_of_a_grouped_model_has_groups_of_its_own() -> None:
+    """copy.deepcopy (EMA weights, tests) after grouping: the copy's group holds the copy's layers, and both models
+    compute the same loss."""
+    tokenizer = make_tokenizer("llama3")
+    model = peft_llama(tokenizer)
+    install_lora_projections(model)
+    install_qkv_groups(model)
+    twin = copy.deepcopy(model)
+    attention = twin.get_base_model().model.layers[0].self_attn
+    group = attention.q_proj._tunelab_qkv_group
+    assert group.layers == (attention.q_proj, attention.k_proj, attention.v_proj)
+    assert group.previous["k_proj"].__self__ is attention.k_proj
+    ids = torch.randint(0, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float(twin(input_ids=ids, labels=ids).loss) == float(model(input_ids=ids, labels=ids).loss)
