@@ -71,9 +71,11 @@ def test_function_equals_reference(dtype: torch.dtype, tolerance: float) -> None
 
 def peft_llama(tokenizer, target="all-linear", bias=False):  # noqa: ANN001, ANN201
     base = make_tiny_llama(tokenizer, seed=0)
-    if bias:  # Qwen2-style attention biases
+    if bias:  # Qwen2-style attention biases on q, k and v
         for layer in base.model.layers:
-            layer.self_attn.k_proj.bias = torch.nn.Parameter(torch.randn(layer.self_attn.k_proj.out_features) / 10)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                linear = getattr(layer.self_attn, name)
+                linear.bias = torch.nn.Parameter(torch.randn(linear.out_features) / 10)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target))
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():  # non-zero B, so the low-rank path counts
@@ -102,9 +104,10 @@ def _loss_and_grads(model, ids):  # noqa: ANN001, ANN202
     return loss.detach(), grads
 
 
-def test_grouped_model_equals_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_model_equals_peft(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
     tokenizer = make_tokenizer("llama3")
-    plain = peft_llama(tokenizer)
+    plain = peft_llama(tokenizer, bias=bias)  # bias: Qwen2's q / k / v biases (frozen, as peft leaves them)
     fast = copy.deepcopy(plain)
     install_lora_projections(fast)
     assert install_qkv_groups(fast) == 2  # both attention blocks
@@ -146,7 +149,7 @@ def test_calls_on_another_input_take_their_own_path() -> None:
     torch.testing.assert_close(value, type(attention.v_proj).forward(attention.v_proj, x))
 
 
-@pytest.mark.parametrize("case", ["attention not all LoRA", "bias", "dropout"])
+@pytest.mark.parametrize("case", ["attention not all LoRA", "trained bias", "dropout"])
 def test_blocks_it_cannot_serve_keep_the_per_projection_path(case: str) -> None:
     tokenizer = make_tokenizer("llama3")
     if case == "attention not all LoRA":
@@ -154,8 +157,10 @@ def test_blocks_it_cannot_serve_keep_the_per_projection_path(case: str) -> None:
         install_lora_projections(model)
         assert install_qkv_groups(model) == 0
         return
-    model = peft_llama(tokenizer, bias=case == "bias")
+    model = peft_llama(tokenizer, bias=case == "trained bias")
     attention = model.get_base_model().model.layers[0].self_attn
+    if case == "trained bias":  # peft's bias="all": the per-projection path trains it
+        attention.k_proj.get_base_layer().bias.requires_grad_(True)
     if case == "dropout":
         attention.v_proj.lora_dropout["default"] = torch.nn.Dropout(0.1)
     install_lora_projections(model)

@@ -24,6 +24,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tunelab.kernels.adapter_cache import half_concat, half_copy
 from tunelab.kernels.lora_projection import _compute_dtype, _eligible, dense_weight, lora_projection_reference
@@ -68,8 +69,13 @@ class LoraQKV(torch.autograd.Function):
         low = flat @ a_cat_t  # tokens x (r_q + r_k + r_v)
         outputs, start = [], 0
         for base, (_, b_t), rank in zip(bases, halves, ranks, strict=True):
-            out = low[:, start : start + rank] @ b_t  # the thin term first; the base GEMM accumulates into it
-            out.addmm_(flat, dense_weight(base, dtype).t())
+            bias = getattr(base, "bias", None)
+            if bias is None:
+                out = low[:, start : start + rank] @ b_t  # the thin term first; the base GEMM accumulates into it
+                out.addmm_(flat, dense_weight(base, dtype).t())
+            else:  # Qwen2's q / k / v: the biased base GEMM first, the thin term accumulated (LoraProjection's order)
+                out = F.linear(flat, dense_weight(base, dtype), bias.to(dtype))
+                out.addmm_(low[:, start : start + rank], b_t)
             outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
             start += rank
         ctx.save_for_backward(x, low, a_cat, *(b for b, _ in halves))
@@ -104,14 +110,15 @@ class LoraQKV(torch.autograd.Function):
 
 
 def fused_lora_qkv(layers: tuple[Any, ...], hidden: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """LoraQKV for three peft LoRA layers reading `hidden` when LoraProjection could serve each exactly, with no
-    bias, in one compute dtype; None otherwise (the caller keeps the per-projection path)."""
+    """LoraQKV for three peft LoRA layers reading `hidden` when LoraProjection could serve each exactly, with frozen
+    base biases if any (Qwen2), in one compute dtype; None otherwise (the caller keeps the per-projection path)."""
     names, dtypes, adapters = [], set(), []
     for layer in layers:
         if not hasattr(layer, "lora_A") or not hasattr(layer, "get_base_layer"):
             return None
         name = _eligible(layer, hidden, (), {})
-        if name is None or layer.get_base_layer().bias is not None:
+        bias = layer.get_base_layer().bias
+        if name is None or (bias is not None and bias.requires_grad):
             return None
         base = layer.get_base_layer()
         quant_state = getattr(base.weight, "quant_state", None)
