@@ -55,6 +55,14 @@ class ModelConfig(Section):
         "measurable speed cost on an H100 (BENCHMARKS.md). Same results. auto: on with CUDA for decoder-only "
         "models in one process or ddp; off on CPUs (nothing to move), for encoder-decoders, fsdp and deepspeed.",
     )
+    offload_embedding: bool | Literal["auto"] = Field(
+        "auto",
+        description="sft / summarize on CUDA: a frozen input token embedding that the output head does not share "
+        "(e.g. Llama-3.1-8B's 128256 x 4096, 0.98 GiB in bf16) waits in pinned CPU memory and the GPU reads just "
+        "the batch's rows from there each step (about 32 MiB for 4k tokens of an 8B model). Same results. auto: on "
+        "with CUDA in one process for tables of 64 MiB or more; off on CPUs, with several processes (DDP wants "
+        "every parameter on the GPU), for trained or tied embeddings.",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when name is a hub id.")
     kind: Literal["auto", "causal", "seq2seq"] = Field(
         "auto",

@@ -22,6 +22,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.kernels.fast_blocks import install_fast_blocks
 from tunelab.kernels.graphed_layers import install_layer_graphs
+from tunelab.kernels.host_embedding import MIN_BYTES, offload_input_embedding, why_not_offloadable
 from tunelab.kernels.lora_projection import install_lora_projections
 from tunelab.kernels.lora_qkv import install_qkv_groups
 from tunelab.kernels.offload import offload_checkpoints
@@ -71,3 +72,25 @@ def apply_checkpoint_offload(model: torch.nn.Module, config: RunConfig, device: 
         if encoder_decoder or config.train.distributed != "ddp":
             return 0
     return offload_checkpoints(model)
+
+
+def apply_embedding_offload(model: torch.nn.Module, config: RunConfig, device: torch.device) -> int:
+    """model.offload_embedding: keep a frozen, untied input embedding in pinned CPU memory (kernels/host_embedding.py);
+    returns the bytes of GPU memory freed. auto: CUDA, one process; true insists (and says why it cannot)."""
+    from tunelab.errors import UserError
+    from tunelab.train.distributed import process_count
+
+    setting = config.model.offload_embedding
+    if device.type != "cuda" or not setting:
+        return 0
+    if process_count() > 1:
+        if setting is True:
+            raise UserError(
+                "model.offload_embedding: true needs one process (DDP, FSDP and DeepSpeed keep every parameter on "
+                "the GPUs); set it to auto or false."
+            )
+        return 0
+    min_bytes = 0 if setting is True else MIN_BYTES  # true: whatever the size
+    if setting is True and (reason := why_not_offloadable(model, min_bytes)) is not None:
+        raise UserError(f"model.offload_embedding: true, but {reason}; set it to auto or false.")
+    return offload_input_embedding(model, min_bytes)

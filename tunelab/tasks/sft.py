@@ -35,7 +35,12 @@ from tunelab.data.templates import (
 from tunelab.errors import UserError
 from tunelab.evaluate.generate import generate_texts
 from tunelab.kernels.causal_lm_loss import decoder_and_head, fused_loss_enabled, lm_loss_sum_fused
-from tunelab.kernels.fast_path import apply_checkpoint_offload, apply_fast_kernels, keep_half_norms
+from tunelab.kernels.fast_path import (
+    apply_checkpoint_offload,
+    apply_embedding_offload,
+    apply_fast_kernels,
+    keep_half_norms,
+)
 from tunelab.models import adapters
 from tunelab.models.load import load_causal_lm, load_tokenizer, resolve_dtype, use_gradient_checkpointing
 from tunelab.train.loop import TrainingJob
@@ -206,6 +211,7 @@ def build_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
             "set method.dropout: 0 to use them (Unsloth's recommendation too)."
         )
     apply_checkpoint_offload(model, config, device)
+    apply_embedding_offload(model, config, device)
     return model
 
 

@@ -23,7 +23,12 @@ from tunelab.data.templates import resolve_template
 from tunelab.errors import UserError
 from tunelab.evaluate import rouge as rougelib
 from tunelab.evaluate.generate import generate_texts
-from tunelab.kernels.fast_path import apply_checkpoint_offload, apply_fast_kernels, keep_half_norms
+from tunelab.kernels.fast_path import (
+    apply_checkpoint_offload,
+    apply_embedding_offload,
+    apply_fast_kernels,
+    keep_half_norms,
+)
 from tunelab.models import adapters
 from tunelab.models.load import load_lm, load_tokenizer, model_architecture, resolve_dtype, use_gradient_checkpointing
 from tunelab.tasks import sft
@@ -134,6 +139,7 @@ def build_model(config: RunConfig, device: torch.device, tokenizer: Any, kind: s
     model = adapters.apply_method(model, config.method, checkpointing, new_ids if lora else None, keep_half)
     apply_fast_kernels(model, config, device)
     apply_checkpoint_offload(model, config, device)
+    apply_embedding_offload(model, config, device)
     return model
 
 
