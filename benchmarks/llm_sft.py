@@ -69,6 +69,7 @@ ROWS: dict[str, tuple[str, str, int]] = {
 # issue 7's goals for tunelab: (tokens/s at least, peak GiB at most)
 GOALS = {"1b-lora": (60_000, 3.7), "1b-qlora": (57_000, 2.3), "8b-qlora": (11_500, 7.0), "8b-lora": (12_000, 16.7)}
 FRAMEWORKS = ("tunelab", "unsloth", "hf", "liger")
+HOST_EMBEDDING = {"on": True}  # model.offload_embedding for the tunelab framework (LLM_SFT_TOGGLES host_embedding=0)
 EXTRA_FRAMEWORKS = ("tunelab-no-offload", "tunelab-plain")
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 2048
@@ -128,7 +129,12 @@ def load_tunelab(
 
     config = load_config(
         {
-            "model": {"name": str(folder), "dtype": "bf16", "offload_checkpoints": "auto" if offload else False},
+            "model": {
+                "name": str(folder),
+                "dtype": "bf16",
+                "offload_checkpoints": "auto" if offload else False,
+                "offload_embedding": "auto" if offload and HOST_EMBEDDING["on"] else False,
+            },
             "method": {"kind": method, "r": 16, "alpha": 32, "dropout": 0.0, "target": "all-linear"},
             "data": {"train": "unused.jsonl", "max_length": SEQ, "packing": packing},
             "train": {
@@ -215,7 +221,8 @@ def apply_toggles() -> dict[str, bool]:
     path off, to time what each adds on the same GPU. Returns the settings in force."""
     from tunelab.kernels import fast_blocks, graphed_layers, lora_projection, lora_qkv
 
-    settings = {"fused_mlp": True, "fused_qkv": True, "thin_first": True, "direct_dequant": True, "cuda_graphs": True}
+    settings = {"fused_mlp": True, "fused_qkv": True, "thin_first": True, "direct_dequant": True, "cuda_graphs": True,
+                "keep_dense": True, "host_embedding": True}  # fmt: skip
     for item in filter(None, os.environ.get("LLM_SFT_TOGGLES", "").split(",")):
         name, _, value = item.partition("=")
         if name not in settings:
@@ -225,6 +232,8 @@ def apply_toggles() -> dict[str, bool]:
     lora_qkv.FUSED_QKV_ENABLED["on"] = settings["fused_qkv"]
     graphed_layers.ENABLED["on"] = settings["cuda_graphs"]
     lora_projection.THIN_TERM_FIRST = settings["thin_first"]
+    lora_projection.KEEP_DENSE_ENABLED["on"] = settings["keep_dense"]
+    HOST_EMBEDDING["on"] = settings["host_embedding"]
     if not settings["direct_dequant"]:
         lora_projection._bnb_library = lambda: None  # bitsandbytes' own dequantize_4bit
     return settings

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from tunelab.kernels import adapter_cache, lora_mlp
+from tunelab.kernels import adapter_cache, lora_mlp, lora_projection
 
 MAX_SHAPES = 8  # recorded input shapes per layer; others run eagerly (each shape costs host memory and a recording)
 RECORD_AT = 2  # a shape is recorded the RECORD_AT-th time a layer sees it
@@ -551,7 +551,7 @@ class LayerRecorder:
             return out
 
         def backward_body() -> None:
-            with torch.enable_grad(), lora_mlp.output_unused():
+            with torch.enable_grad(), lora_mlp.output_unused(), lora_projection.dense_kept_for_backward():
                 out = run(leaf)
             grads = list(torch.autograd.grad(out, targets, statics.grad_out, allow_unused=True))
             if needs_input_grad:

@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.kernels.adapter_cache import half_concat, half_copy
-from tunelab.kernels.lora_projection import _compute_dtype, _eligible, dense_weight, lora_projection_reference
+from tunelab.kernels.lora_projection import (
+    _compute_dtype,
+    _eligible,
+    backward_weight,
+    forward_weight,
+    lora_projection_reference,
+)
 
 _OUTPUT_UNUSED = [0]
 
@@ -154,8 +160,8 @@ class LoraMLP(torch.autograd.Function):
         rank_gate = a_gate.shape[0]
         t_gu = flat @ a_gu_t
         t_gate, t_up = t_gu[:, :rank_gate], t_gu[:, rank_gate:]
-        gate = flat @ dense_weight(bases[0], dtype).t()
-        up = flat @ dense_weight(bases[1], dtype).t()
+        gate = flat @ forward_weight(ctx, bases[0], dtype).t()
+        up = flat @ forward_weight(ctx, bases[1], dtype).t()
         if _OUTPUT_UNUSED[0]:
             # a recompute whose output nobody reads: backward recomputes h inside its SwiGLU kernel (written over
             # the down projection's input gradient, which that kernel has just read), so neither h nor y is made
@@ -165,7 +171,7 @@ class LoraMLP(torch.autograd.Function):
             h = forward_piece(gate, up, t_gate, t_up, bg, bu)
             t_down = h @ ad_t
             out = t_down @ bd_t  # the thin term first; the base GEMM accumulates into it in its epilogue
-            out.addmm_(h, dense_weight(bases[2], dtype).t())
+            out.addmm_(h, forward_weight(ctx, bases[2], dtype).t())
         ctx.save_for_backward(x, gate, up, t_gu, h, t_down, a_gu, ad, bg, bu, bd)
         ctx.bases, ctx.scalings, ctx.rank_gate = bases, scalings, rank_gate
         ctx.adapter_dtypes = [t.dtype for t in (a_gate, b_gate, a_up, b_up, a_down, b_down)]
@@ -189,7 +195,7 @@ class LoraMLP(torch.autograd.Function):
 
         # down projection: y = h W_d^T + t_down bd^T with t_down = h A_d^T
         u_down = grad @ bd  # tokens x r: dL/d(t_down), the scaling inside bd
-        grad_h = grad @ dense_weight(ctx.bases[2], dtype)
+        grad_h = grad @ backward_weight(ctx, ctx.bases[2], dtype)
         # SwiGLU, with dL/dh's low-rank term u_down A_d added inside: dG, dU written over G, U (and, after a
         # recompute that skipped it, h over grad_h)
         if h is None:
@@ -210,8 +216,8 @@ class LoraMLP(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = v_gu @ a_gu  # the thin term first; both base GEMMs accumulate into it
-            grad_x.addmm_(d_gate, dense_weight(ctx.bases[0], dtype))
-            grad_x.addmm_(d_up, dense_weight(ctx.bases[1], dtype))
+            grad_x.addmm_(d_gate, backward_weight(ctx, ctx.bases[0], dtype))
+            grad_x.addmm_(d_up, backward_weight(ctx, ctx.bases[1], dtype))
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down
 

@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.kernels.adapter_cache import half_concat, half_copy
-from tunelab.kernels.lora_projection import _compute_dtype, _eligible, dense_weight, lora_projection_reference
+from tunelab.kernels.lora_projection import (
+    _compute_dtype,
+    _eligible,
+    backward_weight,
+    forward_weight,
+    lora_projection_reference,
+)
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 # attention blocks whose three projections are LoRA layers run them as one LoraQKV while this is on
@@ -72,9 +78,9 @@ class LoraQKV(torch.autograd.Function):
             bias = getattr(base, "bias", None)
             if bias is None:
                 out = low[:, start : start + rank] @ b_t  # the thin term first; the base GEMM accumulates into it
-                out.addmm_(flat, dense_weight(base, dtype).t())
+                out.addmm_(flat, forward_weight(ctx, base, dtype).t())
             else:  # Qwen2's q / k / v: the biased base GEMM first, the thin term accumulated (LoraProjection's order)
-                out = F.linear(flat, dense_weight(base, dtype), bias.to(dtype))
+                out = F.linear(flat, forward_weight(ctx, base, dtype), bias.to(dtype))
                 out.addmm_(low[:, start : start + rank], b_t)
             outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
             start += rank
@@ -104,7 +110,7 @@ class LoraQKV(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_low @ a_cat  # the thin term first; the three base GEMMs accumulate into it
             for grad, base in zip(grads, ctx.bases, strict=True):
-                grad_x.addmm_(grad, dense_weight(base, dtype))
+                grad_x.addmm_(grad, backward_weight(ctx, base, dtype))
             grad_x = grad_x.view(x.shape)
         return (grad_x, None, None, *adapter_grads)
 
