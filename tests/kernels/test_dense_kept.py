@@ -118,3 +118,20 @@ def test_dense_weights_are_never_kept(dequantized: list[weakref.ref]) -> None:
     out.sum().backward()
     assert not dequantized
     assert out.grad_fn is not None and not getattr(out.grad_fn, "kept_weights", {})
+
+
+@pytest.mark.parametrize(("setting", "freed", "kept"), [("auto", 1 << 30, True), ("auto", 0, False), (True, 0, True),
+                                                         (False, 1 << 30, False)])  # fmt: skip
+def test_keep_dequantized_setting(setting: object, freed: int, kept: bool) -> None:
+    """train.keep_dequantized auto: on when the input embedding's move to CPU memory freed GPU memory."""
+    from tunelab.config import load_config
+    from tunelab.kernels.fast_path import apply_keep_dequantized
+    from tunelab.kernels.graphed_layers import LayerRecorder
+
+    config = load_config({"method": {"kind": "qlora"}, "data": {"train": "x.jsonl"},
+                          "train": {"keep_dequantized": setting}})  # fmt: skip
+    model = torch.nn.Module()
+    model._tunelab_layer_recorder = LayerRecorder()
+    assert apply_keep_dequantized(model, config, freed) is kept
+    assert model._tunelab_layer_recorder.keep_dense is kept
+    assert apply_keep_dequantized(torch.nn.Module(), config, freed) is False  # no layer graphs: nothing to keep

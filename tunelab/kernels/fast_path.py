@@ -94,3 +94,14 @@ def apply_embedding_offload(model: torch.nn.Module, config: RunConfig, device: t
     if setting is True and (reason := why_not_offloadable(model, min_bytes)) is not None:
         raise UserError(f"model.offload_embedding: true, but {reason}; set it to auto or false.")
     return offload_input_embedding(model, min_bytes)
+
+
+def apply_keep_dequantized(model: torch.nn.Module, config: RunConfig, embedding_bytes_freed: int) -> bool:
+    """train.keep_dequantized: whether the layer graphs' recompute keeps dequantized 4-bit weights for the backward
+    (kernels/lora_projection.py); auto: when the input embedding moved to CPU memory. Returns the setting in force."""
+    recorder = getattr(model, "_tunelab_layer_recorder", None)
+    setting = config.train.keep_dequantized
+    keep = embedding_bytes_freed > 0 if setting == "auto" else bool(setting)
+    if recorder is not None:
+        recorder.keep_dense = keep
+    return keep and recorder is not None

@@ -388,6 +388,9 @@ class LayerRecorder:
         # train.cuda_graphs auto: record only on a GPU with room for the graphs' memory pool (decided once)
         self.require_headroom = False
         self.headroom_ok: bool | None = None
+        # train.keep_dequantized: the recompute keeps 4-bit weights' dense copies for the backward (set before the
+        # first recording: the graphs record what it says)
+        self.keep_dense = False
         # diagnostics (benchmarks/layer_graphs_memory.py): a list to receive (phase, allocated, peak, reserved) in
         # bytes at each phase of every recording, or None
         self.trace: list[tuple[str, int, int, int]] | None = None
@@ -551,7 +554,8 @@ class LayerRecorder:
             return out
 
         def backward_body() -> None:
-            with torch.enable_grad(), lora_mlp.output_unused(), lora_projection.dense_kept_for_backward():
+            keep = lora_projection.dense_kept_for_backward() if self.keep_dense else contextlib.nullcontext()
+            with torch.enable_grad(), lora_mlp.output_unused(), keep:
                 out = run(leaf)
             grads = list(torch.autograd.grad(out, targets, statics.grad_out, allow_unused=True))
             if needs_input_grad:

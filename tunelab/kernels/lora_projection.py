@@ -63,8 +63,9 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 # autograd context for its backward (one dequantization less per weight). For a checkpoint recompute whose
 # backward follows at once (kernels/graphed_layers.py records both as one CUDA graph): the layer's dense weights,
 # bar the down projection that recompute skips, live from the recompute to their backward (~304 MiB on an 8B
-# layer, ~88 MiB on a 1B one) and ~5 ms of dequantization a step is saved on an 8B QLoRA model. Never around an
-# ordinary forward: its autograd graph lives until backward, so every layer's weights would stay dense.
+# layer, ~88 MiB on a 1B one) and ~5 ms of dequantization a step is saved on an 8B QLoRA model (train.keep_dequantized
+# decides). Never around an ordinary forward: its autograd graph lives until backward, so every layer's weights
+# would stay dense.
 _KEEP_DENSE = [0]
 KEEP_DENSE_ENABLED = {"on": True}  # a switch for benchmarks/llm_sft.py's A/B toggle (keep_dense=0)
 

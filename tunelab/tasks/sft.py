@@ -39,6 +39,7 @@ from tunelab.kernels.fast_path import (
     apply_checkpoint_offload,
     apply_embedding_offload,
     apply_fast_kernels,
+    apply_keep_dequantized,
     keep_half_norms,
 )
 from tunelab.models import adapters
@@ -211,7 +212,8 @@ def build_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
             "set method.dropout: 0 to use them (Unsloth's recommendation too)."
         )
     apply_checkpoint_offload(model, config, device)
-    apply_embedding_offload(model, config, device)
+    freed = apply_embedding_offload(model, config, device)
+    apply_keep_dequantized(model, config, freed)
     return model
 
 

@@ -27,6 +27,7 @@ from tunelab.kernels.fast_path import (
     apply_checkpoint_offload,
     apply_embedding_offload,
     apply_fast_kernels,
+    apply_keep_dequantized,
     keep_half_norms,
 )
 from tunelab.models import adapters
@@ -139,7 +140,8 @@ def build_model(config: RunConfig, device: torch.device, tokenizer: Any, kind: s
     model = adapters.apply_method(model, config.method, checkpointing, new_ids if lora else None, keep_half)
     apply_fast_kernels(model, config, device)
     apply_checkpoint_offload(model, config, device)
-    apply_embedding_offload(model, config, device)
+    freed = apply_embedding_offload(model, config, device)
+    apply_keep_dequantized(model, config, freed)
     return model
 
 
