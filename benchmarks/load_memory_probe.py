@@ -52,7 +52,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
 
         originals = {}
-        for name in ("load_causal_lm", "apply_fast_kernels", "apply_checkpoint_offload"):
+        for name in ("load_causal_lm", "apply_fast_kernels", "apply_checkpoint_offload", "apply_embedding_offload"):
             originals[name] = getattr(sft, name)
 
             def wrapped(*a, _name=name, **k):  # noqa: ANN002, ANN003, ANN202
