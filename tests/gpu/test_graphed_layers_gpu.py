@@ -58,6 +58,7 @@ def train(
     dropout: float = 0.0,
     accumulate: int = 2,
     shapes: list[tuple[int, int]] = SHAPES,
+    keep: bool | str = "auto",
 ) -> dict:
     """LoRA steps through tunelab's sft.build_model (fast path, offload auto) with the graphs on or off; the
     losses of every micro-batch, the first micro-batch's gradients, the final adapters and the recorder."""
@@ -72,7 +73,7 @@ def train(
             "model": {"name": str(tiny_folder()), "dtype": dtype},
             "method": {"kind": method, "r": 8, "alpha": 16, "dropout": dropout, "target": "all-linear"},
             "data": {"train": "unused.jsonl", "max_length": 512},
-            "train": {"lr": 1e-3},
+            "train": {"lr": 1e-3, "keep_dequantized": keep},
         }
     )
     torch.manual_seed(0)
@@ -165,3 +166,14 @@ def test_layers_with_dropout_are_not_recorded() -> None:
     print(f"\ndropout: {result['counts']} {result['reasons']}")
     assert result["counts"].get("replayed", 0) == 0
     assert result["reasons"].get("dropout", 0) > 0
+
+
+def test_kept_dequantized_weights_change_nothing() -> None:
+    """train.keep_dequantized: QLoRA's recompute hands its dense weights to the backward; same run bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    plain = train(True, "qlora", keep=False)
+    kept = train(True, "qlora", keep=True)
+    print(f"\nqlora keep_dequantized: peak GiB {plain['peak']:.3f} -> {kept['peak']:.3f}; counts {kept['counts']}")
+    assert kept["counts"]["recorded"] == 8 and kept["counts"]["failed"] == 0, kept["reasons"]
+    assert kept["losses"] == plain["losses"]
+    assert all(torch.equal(kept["adapters"][n], plain["adapters"][n]) for n in plain["adapters"])
