@@ -32,19 +32,18 @@ if triton is not None:
 
     @triton.jit
     def _gather_rows_kernel(table, ids, out, rows, hidden, BLOCK: tl.constexpr):
-        """One program a token: its row of `table` (host or device memory) copied to `out`, BLOCK columns at a
-        time. An id outside [0, rows) reads nothing and gives a row of NaN (the loss shows it; reading past the
-        table could crash the process)."""
+        """One program per (token, BLOCK columns): that piece of the token's row of `table` (host or device memory)
+        copied to `out`. Many small programs keep many PCIe reads in flight (each takes ~1-2 us to come back). An id
+        outside [0, rows) reads nothing and gives NaN (the loss shows it; reading past the table could crash the
+        process)."""
         token = tl.program_id(0).to(tl.int64)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = columns < hidden
         row = tl.load(ids + token).to(tl.int64)
         valid = (row >= 0) & (row < rows)
-        safe_row = tl.where(valid, row, 0)
-        for start in range(0, hidden, BLOCK):
-            columns = start + tl.arange(0, BLOCK)
-            inside = columns < hidden
-            values = tl.load(table + safe_row * hidden + columns, mask=inside)
-            values = tl.where(valid, values, float("nan"))
-            tl.store(out + token * hidden + columns, values.to(out.dtype.element_ty), mask=inside)
+        values = tl.load(table + tl.where(valid, row, 0) * hidden + columns, mask=inside)
+        values = tl.where(valid, values, float("nan"))
+        tl.store(out + token * hidden + columns, values.to(out.dtype.element_ty), mask=inside)
 
 
 def gather_rows(table: torch.Tensor, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -54,8 +53,9 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor, device: torch.device) ->
     hidden = table.shape[1]
     out = torch.empty((flat.numel(), hidden), dtype=table.dtype, device=device)
     if flat.numel():
-        block = min(triton.next_power_of_2(hidden), 4096)
-        _gather_rows_kernel[(flat.numel(),)](table, flat, out, table.shape[0], hidden, BLOCK=block)
+        block = min(triton.next_power_of_2(hidden), 1024)
+        grid = (flat.numel(), triton.cdiv(hidden, block))
+        _gather_rows_kernel[grid](table, flat, out, table.shape[0], hidden, BLOCK=block)
     return out.reshape(*ids.shape, hidden)
 
 
