@@ -13,7 +13,7 @@ from fixtures import make_tiny_llama, make_tokenizer
 from tunelab.advise.plan import GPUS, apply_plan, find_gpu, make_plan, prompt_tokens, settings_for, warn_if_too_big
 from tunelab.advise.plan_images import resized_pixels
 from tunelab.advise.plan_memory import NF4_BYTES, estimate
-from tunelab.advise.plan_shapes import model_shape
+from tunelab.advise.plan_shapes import model_shape, offloadable_embedding_params
 from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import UserError
@@ -62,14 +62,22 @@ def test_parts_follow_the_settings() -> None:
     lora = settings_for(config_for(LLAMA_8B, train={"batch_size": 2}), gpu)
     base = estimate(shape, lora)
     parts = {p.name: p.gib for p in base.parts}
-    assert parts["weights"] == pytest.approx(shape.params * 2 / 2**30)
+    # model.offload_embedding (auto): the untied input embedding waits in CPU memory
+    assert parts["weights"] == pytest.approx((shape.params - shape.offloadable_embedding_params) * 2 / 2**30)
     assert parts["trainable states"] == pytest.approx(41_943_040 * 16 / 2**30)
     assert base.parts[3].note.startswith("fused loss")  # train.fused_loss auto: on, as on CUDA
     plain = settings_for(config_for(LLAMA_8B, train={"batch_size": 2, "fused_loss": False}), gpu)
     plain_parts = {p.name: p.gib for p in estimate(shape, plain).parts}
     assert plain_parts["logits / recompute peak"] == pytest.approx(2 * 2048 * 128256 * 12 / 2**30)
     assert estimate(shape, plain).peak_allocated_gib > base.peak_allocated_gib + 2
-    qlora = estimate(shape, settings_for(config_for(LLAMA_8B, method={"kind": "qlora"}, train={"batch_size": 2}), gpu))
+    # without the fast path peft upcasts every non-quantized weight to fp32 (the fast path: test_qlora_fast_path_*)
+    q_config = config_for(
+        LLAMA_8B,
+        method={"kind": "qlora"},
+        train={"batch_size": 2, "fast_kernels": False},
+        model={"offload_embedding": False},
+    )
+    qlora = estimate(shape, settings_for(q_config, gpu))
     q_weights = {p.name: p.gib for p in qlora.parts}["weights"]
     non_linear = shape.params - shape.block_linear_params
     assert q_weights == pytest.approx((shape.block_linear_params * NF4_BYTES + non_linear * 4) / 2**30)
@@ -80,7 +88,7 @@ def test_parts_follow_the_settings() -> None:
     fsdp = settings_for(config_for(LLAMA_8B, train={"batch_size": 2}), gpu, gpus=4)
     fsdp.strategy = "fsdp"
     sharded = {p.name: p.gib for p in estimate(shape, fsdp).parts}
-    assert sharded["weights"] == pytest.approx(parts["weights"] / 4)
+    assert sharded["weights"] == pytest.approx(shape.params * 2 / 2**30 / 4)  # several processes: no offload
     assert base.total_gib > base.peak_allocated_gib  # context and slack on top
 
 
@@ -276,3 +284,153 @@ def test_the_qwen25vl_mcqa_recipe_fits_24gb_and_asks_for_qlora_on_a_t4(tmp_path:
     assert make_plan(config, find_gpu("L4", None)).fits  # what the recipe's header says
     t4 = make_plan(config, find_gpu("T4", None))
     assert not t4.fits and t4.changes.get("method.kind") == "qlora"
+
+
+# ------------------------------------------------ the CUDA fast path: half norms, checkpoint and embedding offload
+GIB = 2**30
+
+
+def parts_of(config: object, gpu: str = "H100", gpus: int = 1, shape: object = None) -> dict:
+    """{part name: (GiB, note)} of the config's estimate on `gpu`."""
+    shape = shape or model_shape(config)
+    return {p.name: (p.gib, p.note) for p in estimate(shape, settings_for(config, find_gpu(gpu, None), gpus)).parts}
+
+
+def test_qlora_fast_path_keeps_non_quantized_weights_in_bf16() -> None:
+    """keep_half_norms (kernels/fast_path.py): sft / summarize QLoRA on the bf16 fast path skips peft's fp32 upcast:
+    the non-quantized params cost 2 bytes, not 4, with no bf16 head copy and a bf16 residual stream."""
+    shape = model_shape(config_for(LLAMA_8B))
+    non_quantized = shape.params - shape.block_linear_params
+    fixed = {"offload_embedding": False, "offload_checkpoints": False}  # the other two terms apart
+
+    def qlora(train: dict | None = None, model: dict | None = None, gpu: str = "H100", task: str = "sft") -> dict:
+        source = {"model": {"name": LLAMA_8B, **fixed, **(model or {})}, "data": {"train": "x.jsonl"}}
+        source |= {"task": task, "method": {"kind": "qlora"}, "train": {"batch_size": 2, **(train or {})}}
+        source["data"]["max_length"] = 2048
+        return parts_of(load_config(source), gpu, shape=shape)
+
+    fast, slow = qlora(), qlora({"fast_kernels": False})
+    assert (slow["weights"][0] - fast["weights"][0]) * GIB == pytest.approx(non_quantized * 2)
+    assert "bf16 fast path" in fast["weights"][1] and "bf16" not in slow["weights"][1]
+    assert slow["activations kept"][0] == pytest.approx(2 * fast["activations kept"][0])  # fp32 -> bf16 residual
+    assert slow["logits / recompute peak"][0] > fast["logits / recompute peak"][0]  # the head's bf16 copy is gone
+    assert qlora(task="summarize")["weights"] == fast["weights"]
+    assert qlora({"fast_kernels": True})["weights"] == fast["weights"]
+    # off: fp16 or fp32 compute, a GPU without bf16 (auto resolves to fp16), fsdp under auto
+    for off in (qlora(model={"dtype": "fp16"}), qlora(gpu="T4"), qlora({"distributed": "fsdp"})):
+        assert off["weights"] == slow["weights"]
+    assert qlora({"distributed": "fsdp", "fast_kernels": True})["weights"] == fast["weights"]
+    mcqa = load_config(
+        {"task": "mcqa", "model": {"name": "x"}, "data": {"train": "x.csv"}, "method": {"kind": "qlora"}}
+    )
+    settings = settings_for(mcqa, GPUS["H100"])
+    assert settings.fast_kernels and settings.bf16 and not settings.keep_half_norms  # mcqa keeps peft's upcast
+    assert not settings.offload_embedding and not settings.offload_checkpoints
+
+
+def test_shape_counts_an_offloadable_input_embedding_only_when_plain_and_untied() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.models.load import meta_skeleton
+
+    assert model_shape(config_for(LLAMA_8B)).offloadable_embedding_params == 128256 * 4096
+    assert model_shape(config_for("meta-llama/Llama-3.2-1B")).offloadable_embedding_params == 0  # tied
+    assert model_shape(config_for("google/gemma-2-2b")).offloadable_embedding_params == 0  # scaled subclass, tied
+    small = LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    small.tie_word_embeddings = False
+    with meta_skeleton():
+        model = LlamaForCausalLM(small)
+    assert offloadable_embedding_params(model) == small.vocab_size * 64
+    model.lm_head.weight = model.model.embed_tokens.weight  # shared without the config saying so: by identity
+    assert offloadable_embedding_params(model) == 0
+    with meta_skeleton():
+        model = LlamaForCausalLM(small)
+    model.model.embed_tokens.max_norm = 1.0
+    assert offloadable_embedding_params(model) == 0
+
+    class Scaled(torch.nn.Embedding):
+        pass
+
+    with meta_skeleton():
+        model = LlamaForCausalLM(small)
+    model.model.embed_tokens = Scaled(small.vocab_size, 64, device="meta")
+    assert offloadable_embedding_params(model) == 0
+
+
+def test_embedding_offload_moves_an_untied_frozen_table_to_cpu_memory(tiny_folder: Path) -> None:
+    """model.offload_embedding: the 8B's untied table (vocab x hidden x 2 bytes, 0.98 GiB) leaves the weights; not a
+    tied one, not with the setting off, several processes, a trained table, or (auto) a table under 64 MiB."""
+    shape = model_shape(config_for(LLAMA_8B))
+    table = 128256 * 4096
+
+    def weights(name: str = LLAMA_8B, gpus: int = 1, task: str = "sft", data: dict | None = None, **sections: dict):
+        source = {"task": task, "model": {"name": name}, "data": {"train": "x.jsonl", **(data or {})}}
+        for key, value in sections.items():
+            source.setdefault(key, {}).update(value)
+        config = load_config(source)
+        return parts_of(config, gpus=gpus, shape=shape if name == LLAMA_8B else None)["weights"]
+
+    kept = weights(model={"offload_embedding": False})
+    moved = weights()
+    assert (kept[0] - moved[0]) * GIB == pytest.approx(table * 2)
+    assert "input embedding (0.98 GiB) in CPU memory (model.offload_embedding)" in moved[1]
+    assert "CPU memory" not in kept[1]
+    assert weights(model={"offload_embedding": True}) == moved
+    assert weights(task="summarize") == moved
+    assert (
+        weights(method={"kind": "freeze"})[0]
+        < weights(method={"kind": "freeze"}, model={"offload_embedding": False})[0]
+    )
+    for same in (
+        weights(gpus=2),  # DDP keeps every parameter on the GPUs
+        weights(method={"kind": "full"}),  # trained
+        weights(task="summarize", data={"special_tokens": ["#Person1#"]}),  # peft wraps the table to train rows
+    ):
+        assert same[0] == pytest.approx(kept[0]) and "CPU memory" not in same[1]
+    assert weights(method={"kind": "full"}, model={"offload_embedding": False}) == weights(method={"kind": "full"})
+    # QLoRA without the fast path: the table is fp32 there, and so is what leaves
+    slow = {"method": {"kind": "qlora"}, "train": {"fast_kernels": False}}
+    assert (weights(**slow, model={"offload_embedding": False})[0] - weights(**slow)[0]) * GIB == pytest.approx(
+        table * 4
+    )
+    tied = "meta-llama/Llama-3.2-1B"
+    assert weights(tied) == weights(tied, model={"offload_embedding": False})
+    # the tiny Llama's untied table is under 64 MiB: auto leaves it, true moves it
+    tiny = str(tiny_folder)
+    assert weights(tiny)[0] == weights(tiny, model={"offload_embedding": False})[0]
+    assert weights(tiny, model={"offload_embedding": True})[0] < weights(tiny)[0]
+
+
+def test_checkpoint_offload_keeps_two_layer_inputs_on_the_gpu(tmp_path: Path) -> None:
+    """model.offload_checkpoints: with checkpointing, 2 layers' inputs on the GPU instead of all 32; not with the
+    setting off, without checkpointing, for an encoder-decoder under auto, under fsdp (auto) or for mcqa."""
+    shape = model_shape(config_for(LLAMA_8B))
+    tokens = 2 * 2048
+
+    def kept(**sections: dict) -> tuple[float, str]:
+        sections["train"] = {"batch_size": 2, **sections.get("train", {})}
+        return parts_of(config_for(LLAMA_8B, **sections), shape=shape)["activations kept"]
+
+    offloaded = kept()
+    assert offloaded[0] * GIB == pytest.approx(2 * 2 * 4096 * tokens)
+    assert offloaded[1].startswith("inputs of 2 layers on the GPU, the rest in CPU memory (model.offload_checkpoints)")
+    off = kept(model={"offload_checkpoints": False})
+    assert off[0] * GIB == pytest.approx(32 * 2 * 4096 * tokens) and "CPU memory" not in off[1]
+    assert kept(model={"offload_checkpoints": True}) == offloaded
+    assert kept(train={"distributed": "fsdp"}) == off
+    no_ckpt = kept(model={"gradient_checkpointing": False})
+    assert no_ckpt == kept(model={"gradient_checkpointing": False, "offload_checkpoints": False})
+    assert "CPU memory" not in no_ckpt[1]
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    t5 = {"model_type": "t5", "d_model": 512, "d_ff": 2048, "num_layers": 8, "num_heads": 8, "d_kv": 64}
+    (folder / "config.json").write_text(json.dumps(t5 | {"vocab_size": 32128, "tie_word_embeddings": False}))
+
+    def seq2seq(**model: object) -> tuple[float, str]:
+        source = {"task": "summarize", "model": {"name": str(folder), **model}, "data": {"train": "x.jsonl"}}
+        return parts_of(load_config(source))["activations kept"]
+
+    assert "CPU memory" not in seq2seq()[1]
+    assert seq2seq(offload_checkpoints=True)[0] < seq2seq()[0]
+    assert "CPU memory" in seq2seq(offload_checkpoints=True)[1]

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from tunelab.advise.plan_images import image_side_from_data
-from tunelab.advise.plan_memory import Estimate, Settings, estimate
+from tunelab.advise.plan_memory import LM_TASKS, Estimate, Settings, estimate
 from tunelab.advise.plan_shapes import ModelShape, model_shape
 from tunelab.config import RunConfig
 from tunelab.errors import UserError
@@ -90,6 +90,15 @@ def settings_for(config: RunConfig, gpu: Gpu, gpus: int = 1) -> Settings:
             "train_projector": config.method.train_parts.projector,
             "head_tokens_per_row": 3,  # the answer letter, end of turn, and the position before them
         }
+    distributed = getattr(config.train, "distributed", "ddp") or "ddp"
+    # kernels/fast_path.py, resolved as on CUDA (what plan sizes); sft and summarize install its pieces, mcqa none
+    lm_task = config.task in LM_TASKS
+    fast_setting = config.train.fast_kernels
+    fast_kernels = distributed == "ddp" if fast_setting == "auto" else bool(fast_setting)
+    offload_checkpoints = config.model.offload_checkpoints if lm_task else False
+    if offload_checkpoints == "auto" and distributed != "ddp":
+        offload_checkpoints = False  # auto also leaves encoder-decoders alone: estimate() reads that off the shape
+    offload_embedding = config.model.offload_embedding if lm_task and gpus == 1 else False
     return Settings(
         task=config.task,
         method=method,
@@ -104,13 +113,19 @@ def settings_for(config: RunConfig, gpu: Gpu, gpus: int = 1) -> Settings:
         target_len=target_len,
         freeze_keep_last=config.method.freeze_keep_last,
         gpus=gpus,
-        strategy=getattr(config.train, "distributed", "ddp") or "ddp",
+        strategy=distributed,
         # plan sizes a CUDA run: auto means on; sft only (summarize keeps the plain loss); one process only, since
         # the wrappers of several processes must see the model's own forward (kernels/causal_lm_loss.py)
         fused_loss=config.task == "sft"
         and config.train.fused_loss is not False
         and method not in ("prefix", "prompt")
         and gpus == 1,
+        # resolve_dtype on CUDA: auto is bf16 where the GPU has it; bf16 on a GPU without stops the run
+        bf16=gpu.bf16 and dtype in ("auto", "bf16"),
+        fast_kernels=fast_kernels,
+        offload_checkpoints=offload_checkpoints,
+        offload_embedding=offload_embedding,
+        trained_token_rows=config.task == "summarize" and bool(config.data.special_tokens),
         **vlm,
     )
 

@@ -4,13 +4,19 @@ Every term follows what tunelab's own training does (tasks/sft.py, models/adapte
 estimate is of *this* program, not of fine-tuning in general:
 
 - weights: block linears in NF4 (4 bits + double-quantized absmax: 4.127 bits) or int8 under quantization; every
-  other parameter in the model dtype, or fp32 under QLoRA (peft's prepare_model_for_kbit_training upcasts them);
+  other parameter in the model dtype, or fp32 under QLoRA (peft's prepare_model_for_kbit_training upcasts them),
+  except on the bf16 fast path (sft / summarize, train.fast_kernels; kernels/fast_path.py keep_half_norms), which
+  skips that upcast: QLoRA's norms, embeddings and head then stay bf16, with no bf16 copy of the head and a bf16
+  residual stream; with model.offload_embedding (sft / summarize, one process; kernels/host_embedding.py) a frozen,
+  untied plain nn.Embedding lives in pinned CPU memory instead (auto: tables of 64 MiB or more);
 - trainable parameters: peft adapters are fp32, each with an fp32 gradient and two fp32 AdamW moments (16 bytes);
   full / freeze train in the model dtype (weight, gradient, two moments), except mcqa, whose trained weights are fp32;
 - activations per token per layer, counted from the tensors autograd keeps for a Llama-style block (RMSNorm
   upcasts, LoRA inputs and dropout masks, rotary q / k, attention q / k / v / output, SwiGLU's three products);
   with gradient checkpointing only each block's input is kept, plus one block recomputed at a time, plus the
-  intermediate-width gradients of its MLP's backward;
+  intermediate-width gradients of its MLP's backward; with model.offload_checkpoints (sft / summarize; auto:
+  decoder-only models under ddp; kernels/offload.py) those inputs wait in CPU memory and only two are on the GPU at
+  a time (the one being recomputed and the next, prefetched);
 - logits: the output head's bf16 logits, their fp32 copy, log-softmax and its gradient (12 bytes per token and
   vocabulary entry at the peak); with train.fused_loss (sft, on by default on CUDA; kernels/causal_lm_loss.py)
   only one chunk of target rows' logits exists at a time, plus the target rows' hidden states and their gradient;
@@ -26,6 +32,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tunelab.advise.plan_shapes import ModelShape
+from tunelab.kernels.host_embedding import MIN_BYTES as EMBEDDING_MIN_BYTES
+from tunelab.kernels.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
 
 GIB = 2**30
 NF4_BYTES = 4.127 / 8  # 4-bit codes + one 8-bit absmax per 64 weights + one fp32 constant per 256 absmax
@@ -41,6 +49,8 @@ FUSED_LOGITS_BYTES = 8
 # tokens x intermediate in the compute dtype (with the fused loss this, not the logits, sets the peak)
 MLP_BACKWARD_TENSORS = 6
 SLACK = 0.04  # caching-allocator fragmentation with expandable segments, as a share of the peak
+LM_TASKS = ("sft", "summarize")  # the tasks that install kernels/fast_path.py's pieces
+CHECKPOINTS_ON_GPU = 2  # model.offload_checkpoints: the layer input being recomputed and the next one, prefetched
 
 
 @dataclass
@@ -67,6 +77,20 @@ class Settings:
     head_tokens_per_row: int | None = None  # mcqa: the output head runs on the answer positions only
     image_tokens: int = 0  # mcqa: language-model tokens an image becomes (inside seq_len)
     train_projector: bool = False  # mcqa: the projector's full weights train (in the model dtype)
+    bf16: bool = False  # the compute dtype is bf16 (model.dtype bf16, or auto on a GPU with bf16)
+    fast_kernels: bool = False  # train.fast_kernels in effect (auto: on with CUDA under ddp)
+    # model.offload_checkpoints in effect for a task that installs it: True, "auto" (every model but an
+    # encoder-decoder; the shape says which), or False. Applies only with checkpointing on.
+    offload_checkpoints: bool | str = False
+    # model.offload_embedding in effect for a task and process count that install it: True (any size), "auto"
+    # (tables of EMBEDDING_MIN_BYTES or more), or False. Applies only to a frozen, untied plain nn.Embedding.
+    offload_embedding: bool | str = False
+    trained_token_rows: bool = False  # summarize with data.special_tokens: LoRA-family adapters train their rows
+
+    @property
+    def keep_half_norms(self) -> bool:
+        """QLoRA keeps its non-quantized weights in bf16 (kernels/fast_path.py keep_half_norms; sft / summarize)."""
+        return self.method == "qlora" and self.bf16 and self.fast_kernels and self.task in LM_TASKS
 
 
 @dataclass
@@ -101,9 +125,11 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
 
     quantized = shape.block_linear_params if quantize != "none" else 0
     other = shape.params - quantized
-    other_bytes = 4 if s.method == "qlora" else d
+    half = s.keep_half_norms
+    other_bytes = 4 if (s.method == "qlora" and not half) else d
     quant_bytes = {"nf4": NF4_BYTES, "int8": INT8_BYTES}.get(quantize, 0.0)
-    weights = quantized * quant_bytes + other * other_bytes
+    host_embedding = _offloaded_embedding_params(shape, s, other_bytes)
+    weights = quantized * quant_bytes + (other - host_embedding) * other_bytes
     if s.method == "qlora" and shape.vision and not s.train_vision:  # models/vlm.py casts it back to the model dtype
         weights -= shape.vision_params * (other_bytes - d)
 
@@ -118,7 +144,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     weights /= sharded
     states /= states_shard
 
-    resid = 4 if (s.method == "qlora" or d == 4) else d  # QLoRA's fp32 embeddings keep the residual stream fp32
+    # QLoRA's fp32 embeddings keep the residual stream fp32 (bf16 with half norms)
+    resid = 4 if ((s.method == "qlora" and not half) or d == 4) else d
     layer = _layer_bytes_per_token(shape, s, peft)
     layers, layer_tokens = shape.layers, tokens
     if shape.encoder_decoder:  # encoder over the input, decoder (self + cross attention) over the target
@@ -135,9 +162,17 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         logits += shape.vocab * shape.hidden * 2
     mlp_backward = MLP_BACKWARD_TENSORS * shape.intermediate * d * layer_tokens
     if s.checkpointing:
-        kept = layers * resid * shape.hidden * layer_tokens
+        on_gpu = layers
+        if _checkpoints_offloaded(shape, s, resid * shape.hidden * tokens):
+            on_gpu = min(layers, CHECKPOINTS_ON_GPU)
+            activation_note = (
+                f"inputs of {on_gpu} layers on the GPU, the rest in CPU memory (model.offload_checkpoints); one block "
+                "recomputed at a time"
+            )
+        else:
+            activation_note = f"block inputs of {layers} layers kept; one block recomputed at a time"
+        kept = on_gpu * resid * shape.hidden * layer_tokens
         transient = max(logits, layer * layer_tokens + 3 * resid * shape.hidden * layer_tokens + mlp_backward)
-        activation_note = f"block inputs of {layers} layers kept; one block recomputed at a time"
     else:
         kept = layers * layer * layer_tokens
         transient = max(logits, mlp_backward)
@@ -147,7 +182,11 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         transient += 2 * (shape.params / max(shape.layers, 1)) * (quant_bytes or d)
 
     parts = [
-        Part("weights", weights / GIB, _weights_note(quantize, quantized, other, other_bytes, sharded)),
+        Part(
+            "weights",
+            weights / GIB,
+            _weights_note(quantize, quantized, other, other_bytes, sharded, half, host_embedding * other_bytes),
+        ),
         Part("trainable states", states / GIB, _states_note(s, peft, trainable, states_shard)),
         Part("activations kept", kept / GIB, activation_note),
         Part(
@@ -170,6 +209,33 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     saves = max(0.0, (head_tokens - min(head_tokens, chunk_tokens)) * shape.vocab * LOGITS_BYTES / GIB)
     saves = 0.0 if s.fused_loss else saves
     return Estimate(parts, round(peak, 3), round(total, 3), trainable, round(saves, 2))
+
+
+def _offloaded_embedding_params(shape: ModelShape, s: Settings, table_bytes: int) -> int:
+    """Parameters of the input embedding that model.offload_embedding keeps in CPU memory (0: it stays on the GPU),
+    as kernels/fast_path.py apply_embedding_offload decides: the table must be frozen (every method but full; freeze
+    trains the head, which is the table only when tied, and shape.offloadable_embedding_params is 0 then; a
+    LoRA-family adapter training summarize's special-token rows wraps the table in peft's TrainableTokensWrapper),
+    and under auto at least EMBEDDING_MIN_BYTES in the dtype it has (`table_bytes` a parameter)."""
+    params = shape.offloadable_embedding_params
+    if not s.offload_embedding or not params or s.task not in LM_TASKS or s.gpus != 1 or s.method == "full":
+        return 0
+    if s.trained_token_rows and s.method in ("lora", "qlora", "dora"):
+        return 0
+    if s.offload_embedding == "auto" and params * table_bytes < EMBEDDING_MIN_BYTES:
+        return 0
+    return params
+
+
+def _checkpoints_offloaded(shape: ModelShape, s: Settings, input_bytes: float) -> bool:
+    """Whether model.offload_checkpoints moves the checkpointed layers' inputs (`input_bytes` each) to CPU memory,
+    as kernels/fast_path.py apply_checkpoint_offload decides (auto: not for encoder-decoders), and whether they are
+    large enough for kernels/offload.py to move them (smaller saved tensors stay on the GPU)."""
+    if not s.checkpointing or not s.offload_checkpoints or s.task not in LM_TASKS:
+        return False
+    if s.offload_checkpoints == "auto" and shape.encoder_decoder:
+        return False
+    return input_bytes >= OFFLOAD_MIN_BYTES
 
 
 def _trainable(shape: ModelShape, s: Settings, peft: bool) -> tuple[int, float]:
@@ -241,10 +307,18 @@ def _vision_note(shape: ModelShape, s: Settings) -> str:
     return f"{per_image:,} patches per {s.image_size} px image, {how}"
 
 
-def _weights_note(quantize: str, quantized: int, other: int, other_bytes: int, sharded: int) -> str:
+def _weights_note(
+    quantize: str, quantized: int, other: int, other_bytes: int, sharded: int, half: bool, host_bytes: float
+) -> str:
     what = f"{quantized / 1e9:.2f}B block-linear params in {quantize.upper()}, " if quantized else ""
+    why = " (QLoRA's bf16 fast path: train.fast_kernels)" if half else ""
     share = f"; sharded over {sharded} GPUs" if sharded > 1 else ""
-    return f"{what}{other / 1e9:.2f}B params at {other_bytes} bytes{share}"
+    host = (
+        f"; of them the input embedding ({host_bytes / GIB:.2f} GiB) in CPU memory (model.offload_embedding)"
+        if host_bytes
+        else ""
+    )
+    return f"{what}{other / 1e9:.2f}B params at {other_bytes} bytes{why}{share}{host}"
 
 
 def _states_note(s: Settings, peft: bool, trainable: int, shards: int) -> str:

@@ -120,6 +120,9 @@ class ModelShape:
     vision_params: int = 0  # VLMs: the vision encoder's parameters (projector excluded)
     projector_params: int = 0  # VLMs: the projector's parameters
     image_tokens: int | None = None  # VLMs with a fixed number of language-model tokens per image (LLaVA-style)
+    # parameters of an input embedding that model.offload_embedding could keep in CPU memory: an exact, untied
+    # torch.nn.Embedding without max_norm (kernels/host_embedding.py why_not_offloadable); 0 for any other
+    offloadable_embedding_params: int = 0
 
     @property
     def block_linear_params(self) -> int:
@@ -235,4 +238,28 @@ def model_shape(config: RunConfig) -> ModelShape:
         vision_params=parts["vision"],
         projector_params=parts["projector"],
         image_tokens=getattr(arch, "image_seq_length", None),
+        offloadable_embedding_params=offloadable_embedding_params(model),
     )
+
+
+def offloadable_embedding_params(model: torch.nn.Module) -> int:
+    """The input embedding's parameters when its type and ties let model.offload_embedding move it (the checks of
+    kernels/host_embedding.py why_not_offloadable that a meta-device model can answer; whether it trains and its
+    size in bytes depend on the run: plan_memory.py asks those); 0 otherwise. A meta tensor has no address, so a
+    head sharing the table is found by identity, not data_ptr."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return 0
+    if embedding is None or type(embedding) is not torch.nn.Embedding:  # noqa: E721 - subclasses change forward
+        return 0
+    if embedding.max_norm is not None:
+        return 0
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    if tied or getattr(head, "weight", None) is embedding.weight:
+        return 0
+    return embedding.weight.numel()
