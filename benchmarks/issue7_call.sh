@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issue 7: the newest GPU tests, the peers table (tunelab, Unsloth, HF + peft, Liger on the four
-# rows), the host-embedding gather micro-benchmark and the 8B load-memory probe. Logs under $1/logs, the table under
-# $1/peers (7 files at most, within what a device call returns). A step is skipped when fewer seconds than its limit
+# rows), the host-embedding gather micro-benchmark, `tunelab plan` against measured peaks and the 8B load-memory probe. Logs under $1/logs, the table under
+# $1/peers (8 files at most, within what a device call returns). A step is skipped when fewer seconds than its limit
 # are left of $2 (default 570).
 #     bash benchmarks/issue7_call.sh "$OUT" 570
 out="${1:-/tmp/issue7}"
@@ -23,4 +23,6 @@ step peers 380 python3 benchmarks/llm_sft.py --out "$out/peers" --frameworks "${
   --budget-s "${PEERS_BUDGET:-290}" --steps-1b 12 --steps-8b 7 --warmup 3
 step kept-test 80 "${gpu_test[@]}" -s tests/gpu/test_graphed_layers_gpu.py -k kept
 step gather-micro 50 python3 benchmarks/host_embedding_micro.py
+step plan-accuracy 110 python3 benchmarks/plan_accuracy.py --only "${PLAN_ROWS:-1b-lora-1024,1b-qlora-2048,1b-lora-2048-nockpt}" \
+  --out "$out/logs"
 step load-probe 120 python3 benchmarks/load_memory_probe.py --rows 8b-qlora,8b-lora --steps 2
