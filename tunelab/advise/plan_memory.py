@@ -12,8 +12,11 @@ estimate is of *this* program, not of fine-tuning in general:
 - trainable parameters: peft adapters are fp32, each with an fp32 gradient and two fp32 AdamW moments (16 bytes);
   full / freeze train in the model dtype (weight, gradient, two moments), except mcqa, whose trained weights are fp32;
 - activations per token per layer, counted from the tensors autograd keeps for a Llama-style block (RMSNorm
-  upcasts, LoRA inputs and dropout masks, rotary q / k, attention q / k / v / output, SwiGLU's three products);
-  with gradient checkpointing only each block's input is kept, plus one block recomputed at a time, plus the
+  upcasts, LoRA inputs and dropout masks, rotary q / k, attention q / k / v / output, SwiGLU's three products;
+  without dropout, adapters fed one tensor save it once); with train.fast_kernels' liger blocks (Llama, Mistral,
+  Qwen2, Qwen3: kernels/fast_blocks.py) each RMSNorm keeps its input in the compute dtype, SwiGLU keeps gate and up
+  and writes their gradients over them (3 intermediate-width gradients in the MLP's backward instead of 6), and
+  QLoRA's train.keep_dequantized holds one block's dense weights through its backward; with gradient checkpointing only each block's input is kept, plus one block recomputed at a time, plus the
   intermediate-width gradients of its MLP's backward; with model.offload_checkpoints (sft / summarize; auto:
   decoder-only models under ddp; kernels/offload.py) those inputs wait in CPU memory and only two are on the GPU at
   a time (the one being recomputed and the next, prefetched);
@@ -24,7 +27,8 @@ estimate is of *this* program, not of fine-tuning in general:
   it is never quantized, and a frozen one stays in the model dtype under QLoRA too;
 - outside what PyTorch allocates: the CUDA context and the caching allocator's slack.
 
-Constants are in bytes; GiB = 2**30 bytes. tests/gpu/test_plan_gpu.py checks the estimate against measured peaks.
+Constants are in bytes; GiB = 2**30 bytes. tests/gpu/test_plan_gpu.py checks the estimate against measured peaks
+(benchmarks/plan_accuracy.py; BENCHMARKS.md has the table).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tunelab.advise.plan_shapes import ModelShape
+from tunelab.kernels.fast_blocks import FAMILIES as FAST_BLOCK_FAMILIES
 from tunelab.kernels.host_embedding import MIN_BYTES as EMBEDDING_MIN_BYTES
 from tunelab.kernels.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
 
@@ -48,6 +53,9 @@ FUSED_LOGITS_BYTES = 8
 # base weight, through the adapter and their sum, then SwiGLU's gradients of up, silu(gate) and gate, each
 # tokens x intermediate in the compute dtype (with the fused loss this, not the logits, sets the peak)
 MLP_BACKWARD_TENSORS = 6
+# liger's SwiGLU (train.fast_kernels' blocks) writes the gate / up gradients over its saved gate and up: only the
+# down projection's three input gradients (base, adapter, sum) are new
+MLP_BACKWARD_TENSORS_FAST = 3
 SLACK = 0.04  # caching-allocator fragmentation with expandable segments, as a share of the peak
 LM_TASKS = ("sft", "summarize")  # the tasks that install kernels/fast_path.py's pieces
 CHECKPOINTS_ON_GPU = 2  # model.offload_checkpoints: the layer input being recomputed and the next one, prefetched
@@ -146,7 +154,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
 
     # QLoRA's fp32 embeddings keep the residual stream fp32 (bf16 with half norms)
     resid = 4 if ((s.method == "qlora" and not half) or d == 4) else d
-    layer = _layer_bytes_per_token(shape, s, peft)
+    layer = _layer_bytes_per_token(shape, s, peft, _fast_blocks(shape, s))
     layers, layer_tokens = shape.layers, tokens
     if shape.encoder_decoder:  # encoder over the input, decoder (self + cross attention) over the target
         layer_tokens = s.micro_batch * (s.seq_len + 1.3 * s.target_len)
@@ -160,7 +168,14 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         logits = chunk_rows * shape.vocab * FUSED_LOGITS_BYTES + 2 * head_tokens * shape.hidden * d
     if other_bytes == 4 and d == 2:  # fp32 output head under autocast: a bf16 copy for the forward and backward
         logits += shape.vocab * shape.hidden * 2
-    mlp_backward = MLP_BACKWARD_TENSORS * shape.intermediate * d * layer_tokens
+    blocks = _fast_blocks(shape, s)
+    mlp_backward = (
+        (MLP_BACKWARD_TENSORS_FAST if blocks else MLP_BACKWARD_TENSORS) * shape.intermediate * d * layer_tokens
+    )
+    if blocks and s.method == "qlora" and not s.lora_dropout and host_embedding:
+        # train.keep_dequantized (auto where the embedding moved): the layer graphs' recompute keeps the layer's
+        # dequantized weights, all but the down projection's, for its backward
+        mlp_backward += _dense_layer_bytes(shape, d)
     if s.checkpointing:
         on_gpu = layers
         if _checkpoints_offloaded(shape, s, resid * shape.hidden * tokens):
@@ -265,7 +280,31 @@ def _trainable_parts(shape: ModelShape, s: Settings) -> tuple[int, float]:
     return count, count * (4.0 - s.dtype_bytes + 12 + copy)
 
 
-def _layer_bytes_per_token(shape: ModelShape, s: Settings, peft: bool) -> float:
+def _fast_blocks(shape: ModelShape, s: Settings) -> bool:
+    """Whether training installs liger's RMSNorm / SwiGLU kernels (kernels/fast_blocks.py: train.fast_kernels,
+    sft / summarize, a Llama / Mistral / Qwen2 / Qwen3 model)."""
+    return s.fast_kernels and s.task in LM_TASKS and shape.model_type in FAST_BLOCK_FAMILIES
+
+
+def _dense_layer_bytes(shape: ModelShape, d: int) -> float:
+    """One block's q, k, v, o, gate and up weights in the compute dtype (what train.keep_dequantized holds)."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return d * shape.hidden * (2 * q + 2 * kv + 2 * shape.intermediate)
+
+
+# peft LoRA without dropout: adapters fed the same tensor save it once. Per Llama-style block: q / k / v read the
+# attention norm's output, gate / up the MLP norm's, o reads the attention output (already counted with attention)
+SHARED_LORA_INPUTS = {
+    "q_proj": "attn_norm",
+    "k_proj": "attn_norm",
+    "v_proj": "attn_norm",
+    "gate_proj": "mlp_norm",
+    "up_proj": "mlp_norm",
+    "o_proj": "attention_output",
+}
+
+
+def _layer_bytes_per_token(shape: ModelShape, s: Settings, peft: bool, fast_blocks: bool = False) -> float:
     """Bytes autograd keeps per token for one block (Llama-style: attention + gated MLP)."""
     d = s.dtype_bytes
     h, i = shape.hidden, shape.intermediate
@@ -273,12 +312,22 @@ def _layer_bytes_per_token(shape: ModelShape, s: Settings, peft: bool) -> float:
     norms = 2 * 4 * h  # RMSNorm computes in fp32 and keeps its input
     attention = d * (2 * q + 2 * kv)  # q, k, v after rotary, and the attention output (flash / sdpa kernels)
     mlp = 3 * d * i  # gate, silu(gate), up
+    if fast_blocks:  # liger keeps each norm's input in the compute dtype, and gate and up (silu recomputed)
+        norms, mlp = 2 * d * h, 2 * d * i
     if s.method in ("lora", "qlora", "dora"):
         per_input = d + (1 if s.lora_dropout else 0)  # each adapter keeps its own (dropped-out) input copy
         names = None if s.target == "all-linear" else set([s.target] if isinstance(s.target, str) else s.target)
         block = [x for x in shape.linears if x.in_blocks and not x.vision]
         per_layer = [x for x in block if names is None or x.name.rsplit(".", 1)[-1] in names]
-        inputs = per_input * sum(x.in_features for x in per_layer) / max(shape.layers, 1)
+        if not s.lora_dropout and s.method != "dora":  # a shared input is one tensor, saved once
+            sources: dict[tuple[str, str], int] = {}
+            for x in per_layer:
+                parent, short = x.name.rsplit(".", 1) if "." in x.name else ("", x.name)
+                if SHARED_LORA_INPUTS.get(short) != "attention_output":
+                    sources[(parent, SHARED_LORA_INPUTS.get(short, short))] = x.in_features
+            inputs = per_input * sum(sources.values()) / max(shape.layers, 1)
+        else:
+            inputs = per_input * sum(x.in_features for x in per_layer) / max(shape.layers, 1)
         if s.method == "dora":
             inputs *= 2  # DoRA also keeps the base output for its magnitude rescaling
     elif peft:
