@@ -16,8 +16,9 @@ estimate is of *this* program, not of fine-tuning in general:
   without dropout, adapters fed one tensor save it once); with train.fast_kernels' liger blocks (Llama, Mistral,
   Qwen2, Qwen3: kernels/fast_blocks.py) each RMSNorm keeps its input in the compute dtype, SwiGLU keeps gate and up
   and writes their gradients over them (3 intermediate-width gradients in the MLP's backward instead of 6), and
-  QLoRA's train.keep_dequantized holds one block's dense weights through its backward; with gradient checkpointing only each block's input is kept, plus one block recomputed at a time, plus the
-  intermediate-width gradients of its MLP's backward; with model.offload_checkpoints (sft / summarize; auto:
+  QLoRA's train.keep_dequantized holds one block's dense weights through its backward; with gradient
+  checkpointing only each block's input is kept, plus one block recomputed at a time, plus the intermediate-width
+  gradients of its MLP's backward; with model.offload_checkpoints (sft / summarize; auto:
   decoder-only models under ddp; kernels/offload.py) those inputs wait in CPU memory and only two are on the GPU at
   a time (the one being recomputed and the next, prefetched);
 - logits: the output head's bf16 logits, their fp32 copy, log-softmax and its gradient (12 bytes per token and
