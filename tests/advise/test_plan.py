@@ -159,6 +159,15 @@ def test_train_warning_when_the_plan_says_it_will_not_fit() -> None:
     said.clear()
     warn_if_too_big(config_for("meta-llama/Llama-3.2-1B", train={"batch_size": 1}), 80.0, said.append)
     assert said == []
+    # the GPU's own bf16 support and the run's process count: 8B QLoRA fits 8 GiB with bf16 (norms kept in bf16,
+    # fused loss), not on a GPU without bf16 (fp32 norms and embeddings) nor in 2 processes (full logits)
+    qlora = config_for(LLAMA_8B, method={"kind": "qlora"}, train={"batch_size": 2})
+    warn_if_too_big(qlora, 8.0, said.append)
+    assert said == []
+    warn_if_too_big(qlora, 8.0, said.append, bf16=False)
+    assert len(said) == 1
+    warn_if_too_big(qlora, 8.0, said.append, gpus=2)
+    assert len(said) == 2
 
 
 def test_apply_plan_writes_beside_the_config(tmp_path: Path) -> None:

@@ -309,13 +309,14 @@ def apply_plan(config_path: Path, plan: Plan, out: Path | None = None) -> Path:
     return target
 
 
-def warn_if_too_big(config: RunConfig, total_gib: float, say: Any) -> None:
+def warn_if_too_big(config: RunConfig, total_gib: float, say: Any, bf16: bool = True, gpus: int = 1) -> None:
     """Before training on CUDA: say so when the plan puts the run over the GPU's memory (never stops the run:
-    the estimate can be wrong, and a user may know better)."""
+    the estimate can be wrong, and a user may know better). `bf16`: the GPU computes in bf16 (without it QLoRA
+    keeps fp32 norms and embeddings); `gpus`: the processes of the run."""
     if config.task not in TASKS_WITH_A_MODEL:
         return
     try:
-        plan = make_plan(config, Gpu("this GPU", total_gib, True))
+        plan = make_plan(config, Gpu("this GPU", total_gib, bf16), gpus)
     except UserError:
         return  # no shape offline: nothing to say
     if not plan.fits:

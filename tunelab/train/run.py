@@ -99,7 +99,8 @@ def warn_if_over_memory(config: RunConfig, accelerator: Any) -> None:
     from tunelab.track.progress import console
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    warn_if_too_big(config, total_gib, console.print)
+    bf16 = torch.cuda.is_bf16_supported()
+    warn_if_too_big(config, total_gib, console.print, bf16=bf16, gpus=accelerator.num_processes)
 
 
 def check_run_folder(config: RunConfig, resume: bool) -> None:
